@@ -1,0 +1,295 @@
+"""Checkpoint files: safe reading, the one key-prefix table, model detection, strict loading.
+
+The original single-file (CompVis/LDM) layout is canonical: each model's module paths equal the
+file's keys minus a prefix from `PREFIXES`. Other layouts (OpenCLIP text encoders, diffusers
+folders) go through exactly one converter each, in `sdtorch.convert`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import convert
+from .config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
+
+log = logging.getLogger(__name__)
+
+# Where each model lives in an original single file.
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip": "cond_stage_model.transformer.",  # SD1: Hugging Face CLIPTextModel names
+    "openclip": "cond_stage_model.model.",  # SD2: OpenCLIP names
+}
+# Keys real files carry that Stable Diffusion inference does not use: the training schedule's
+# buffers, EMA copies, CLIP's position ids and OpenCLIP's contrastive head.
+IGNORED = re.compile(
+    r"^(model_ema\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|lvlb_weights$|logvar$"
+    r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"
+    r"|cond_stage_model\.model\.(logit_scale|text_projection)$)"
+)
+CONFIG_KEY = "sdtorch_config"  # safetensors metadata written by `save`
+SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """What a file holds: per-model state dicts in sdtorch naming, and how it was identified."""
+
+    config: ModelConfig
+    unet: dict[str, torch.Tensor]
+    vae: dict[str, torch.Tensor]
+    clip: dict[str, torch.Tensor]
+    dtype: torch.dtype  # of the stored weights
+    prediction_source: str  # "given", "metadata", "marker key", "diffusers config" or "guessed: ..."
+    path: Path
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a single file. Pickles are loaded with weights_only=True."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix not in SUFFIXES:
+        raise CheckpointError(f"unknown checkpoint type {path.suffix!r} for {path}; expected one of {SUFFIXES}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refused to load {path}: its pickle asks to run code or build objects other than tensors "
+            f"({first}); only plain weights are loaded"
+        ) from None
+    except Exception as e:  # zip/EOF/format errors from a truncated or foreign file
+        raise CheckpointError(f"cannot read {path}: not a valid PyTorch checkpoint ({e})") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values() if v is not None):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: corrupt or not a safetensors file ({e})") from None
+
+
+def split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, str]:
+    """Full-file keys -> (unet, vae, clip) state dicts in sdtorch naming, and the clip layout."""
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+    unexpected = []
+    for key, value in sd.items():
+        if IGNORED.match(key):
+            continue
+        name = next((n for n, p in PREFIXES.items() if key.startswith(p)), None)
+        if name is None:
+            unexpected.append(key)
+        else:
+            parts[name][key[len(PREFIXES[name]) :]] = value
+    if unexpected:
+        raise CheckpointError(f"unexpected keys outside the UNet, VAE and text encoder: {_few(unexpected)}")
+    for name in ("unet", "vae"):
+        if not parts[name]:
+            raise CheckpointError(f"no {name.upper()} weights (keys starting {PREFIXES[name]!r}) in the file")
+    if parts["openclip"]:
+        return parts["unet"], parts["vae"], convert.openclip_to_hf(parts["openclip"]), "openclip"
+    if not parts["clip"]:
+        raise CheckpointError("no text-encoder weights (cond_stage_model.*) in the file")
+    return parts["unet"], parts["vae"], parts["clip"], "hf"
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _indices(sd: dict, pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
+
+
+def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
+    """UNet hyper-parameters from key names and shapes (SD1/SD2 head conventions assumed)."""
+    first = sd["input_blocks.0.0.weight"]
+    mc = first.shape[0]
+    mults, attn, ds, res_per_level = [], [], 1, []
+    count = 0
+    for i in _indices(sd, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in sd:
+            res_per_level.append(count)
+            count, ds = 0, ds * 2
+            continue
+        mult = sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc
+        if count == 0:
+            mults.append(mult)
+        count += 1
+        if f"input_blocks.{i}.1.proj_in.weight" in sd and ds not in attn:
+            attn.append(ds)
+    res_per_level.append(count)
+    proj = sd["middle_block.1.proj_in.weight"]
+    context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    sd2 = proj.ndim == 2 or context_dim == 1024
+    return UNetConfig(
+        in_channels=first.shape[1],
+        out_channels=sd["out.2.weight"].shape[0],
+        model_channels=mc,
+        channel_mult=tuple(mults),
+        num_res_blocks=res_per_level[0],
+        attention_resolutions=tuple(attn),
+        num_heads=-1 if sd2 else 8,
+        num_head_channels=64 if sd2 else -1,
+        transformer_depth=len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
+        context_dim=context_dim,
+        use_linear_in_transformer=proj.ndim == 2,
+    )
+
+
+def detect_vae(sd: dict[str, torch.Tensor]) -> VAEConfig:
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    return VAEConfig(
+        in_channels=sd["encoder.conv_in.weight"].shape[1],
+        out_ch=sd["decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels),
+        num_res_blocks=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
+        z_channels=sd["decoder.conv_in.weight"].shape[1],
+        embed_dim=sd["post_quant_conv.weight"].shape[1],
+    )
+
+
+def detect_clip(sd: dict[str, torch.Tensor], layout: str) -> ClipConfig:
+    tok = sd["text_model.embeddings.token_embedding.weight"]
+    width = tok.shape[1]
+    openclip = layout == "openclip"
+    return ClipConfig(
+        vocab_size=tok.shape[0],
+        max_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+        width=width,
+        layers=len(_indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
+        heads=width // 64,
+        mlp_ratio=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0] // width,
+        act="gelu" if openclip else "quick_gelu",
+        pad_token_id=0 if openclip else 49407,
+        clip_skip=2 if openclip else 1,
+    )
+
+
+def guess_prediction(unet_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[Prediction, str]:
+    """Keys cannot tell eps from v; guess as ComfyUI does for SD2 (v-models' last transformer
+    norm bias has a wide spread) and assume eps otherwise."""
+    if cfg.clip_layout != "openclip":
+        return "eps", "guessed: eps (SD 1.x)"
+    key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    if key in unet_sd and cfg.unet.in_channels == 4:
+        spread = unet_sd[key].float().std(unbiased=False).item()
+        if spread > 0.09:
+            return "v", f"guessed: v (SD 2.x, std of {key} = {spread:.3f} > 0.09)"
+        return "eps", f"guessed: eps (SD 2.x, std of {key} = {spread:.3f} <= 0.09)"
+    return "eps", "guessed: eps (SD 2.x, no hint)"
+
+
+def read(
+    path: str | Path,
+    *,
+    config: ModelConfig | None = None,
+    prediction: Prediction | None = None,
+) -> Checkpoint:
+    """Read a single file or a diffusers folder and work out what model it holds."""
+    path = Path(path)
+    if path.is_dir():
+        sd, folder_cfg = convert.diffusers_folder_to_original(path)
+        meta, source = {}, "diffusers config"
+        config = config or folder_cfg
+    else:
+        sd, meta = read_state_dict(path)
+        source = ""
+    unet, vae, clip, layout = split(sd)
+    if config is None and CONFIG_KEY in meta:
+        config, source = ModelConfig.from_dict(json.loads(meta[CONFIG_KEY])), "metadata"
+    if config is None:
+        config = _detect(unet, vae, clip, layout, path)
+    if prediction is not None:
+        config, source = replace(config, prediction=prediction), "given"
+    elif "v_pred" in sd:
+        config, source = replace(config, prediction="v"), "marker key"
+    elif not source:
+        pred, source = guess_prediction(unet, config)
+        config = replace(config, prediction=pred, sample_size=768 if pred == "v" else config.sample_size)
+    dtype = next(iter(unet.values())).dtype
+    return Checkpoint(config, unet, vae, clip, dtype, source, path)
+
+
+def _detect(unet: dict, vae: dict, clip: dict, layout: str, path: Path) -> ModelConfig:
+    try:
+        return ModelConfig(
+            name=path.stem,
+            clip=detect_clip(clip, layout),
+            unet=detect_unet(unet),
+            vae=detect_vae(vae),
+            clip_layout=layout,  # type: ignore[arg-type]
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a Stable Diffusion checkpoint: key {e} is missing") from None
+
+
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype) -> None:
+    """Load every parameter, or raise naming the missing, unexpected and mis-shaped keys."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape and sd[k].numel() != v.numel()
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"the {what} weights do not fit the {what} model"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if keys:
+                lines.append(f"{label} ({len(keys)}): {_few(keys)}")
+        raise CheckpointError("; ".join(lines))
+    # 1x1 convolutions stored as Linear (some converted VAEs) differ only by a reshape.
+    fixed = {k: v.reshape(expected[k].shape).to(dtype) for k, v in sd.items()}
+    module.load_state_dict(fixed, strict=True, assign=True)
+
+
+def original_state_dict(unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig) -> dict:
+    """The models' weights under the original single-file keys."""
+    sd = {PREFIXES["unet"] + k: v for k, v in unet.state_dict().items()}
+    sd.update({PREFIXES["vae"] + k: v for k, v in vae.state_dict().items()})
+    if cfg.clip_layout == "openclip":
+        sd.update({PREFIXES["openclip"] + k: v for k, v in convert.hf_to_openclip(clip.state_dict()).items()})
+    else:
+        sd.update({PREFIXES["clip"] + k: v for k, v in clip.state_dict().items()})
+    return sd
+
+
+def save(path: str | Path, unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig, dtype=None) -> Path:
+    """Write one original-layout .safetensors file with the config in its metadata, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in original_state_dict(unet, vae, clip, cfg).items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={CONFIG_KEY: json.dumps(cfg.to_dict())})
+    tmp.replace(path)  # a reader never sees a half-written file
+    return path

@@ -1,0 +1,106 @@
+"""Command line: `sdtorch generate`, `sdtorch info`.
+
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from pathlib import Path
+
+from . import samplers
+
+EXIT_BAD_INPUT = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion in plain PyTorch.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and detected")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text to image")
+    gen.add_argument("prompt")
+    gen.add_argument("--checkpoint", "-c", required=True, help=".safetensors / .ckpt file or diffusers folder")
+    gen.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--sampler", default="dpmpp_2m_karras", help=f"one of: {', '.join(samplers.SAMPLERS)}")
+    gen.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 turns guidance off")
+    gen.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
+    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--batch", type=_positive_int, default=1)
+    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    gen.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate")
+    gen.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: detected/guessed")
+    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    gen.add_argument("--out", default="outputs", help="output folder")
+
+    info = sub.add_parser("info", help="what a checkpoint is")
+    info.add_argument("path")
+    info.add_argument("--prediction", choices=["eps", "v"], default=None)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import load, save_png
+
+    pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype)
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    print(f"model: {args.checkpoint} (prediction {pipe.config.prediction}: {pipe.prediction_source})", file=sys.stderr)
+    images = pipe.generate(
+        args.prompt, args.negative, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg,
+        seed=seed, width=args.width, height=args.height, batch_size=args.batch,
+        eta=args.eta, clip_skip=args.clip_skip,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = len(list(out.glob("*.png")))
+    for i, image in enumerate(images):
+        path = save_png(image, out / f"{start + i:05d}-{seed}.png")
+        print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .pipeline import describe
+
+    ckpt = checkpoint.read(args.path, prediction=args.prediction)
+    cfg = ckpt.config
+    n = {name: sum(t.numel() for t in sd.values()) for name, sd in
+         (("UNet", ckpt.unet), ("VAE", ckpt.vae), ("text encoder", ckpt.clip))}
+    print(f"{args.path}: {describe(cfg)}")
+    print(f"  prediction: {cfg.prediction} ({ckpt.prediction_source})")
+    print(f"  weights: {str(ckpt.dtype).removeprefix('torch.')}, " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in n.items()))
+    u = cfg.unet
+    print(f"  UNet: {u.in_channels} in-channels, {u.model_channels}x{list(u.channel_mult)}, "
+          f"context {u.context_dim}, {'linear' if u.use_linear_in_transformer else 'conv'} projections")
+    c = cfg.clip
+    print(f"  text encoder: {cfg.clip_layout} layout, {c.layers} layers x {c.width}, clip skip {c.clip_skip}")
+    print(f"  native size: {cfg.sample_size}x{cfg.sample_size}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+    except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError
+        msg = str(e).strip() or type(e).__name__
+        print(f"sdtorch: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Converters between the original (CompVis/LDM) layout and the Hugging Face formats.
+
+The original single-file layout is canonical in sdtorch; every other format has exactly one
+converter here. All functions are pure: state dicts (`dict[str, Tensor]`) and config dicts in,
+new dicts out; tensors are shared, not copied, except where a reshape or split is needed.
+
+Sides of each converter:
+- UNet: original keys without `model.diffusion_model.`  <->  diffusers `UNet2DConditionModel`.
+- VAE: original keys without `first_stage_model.`  <->  diffusers `AutoencoderKL`.
+- SD2 text encoder: OpenCLIP keys without `cond_stage_model.model.`  <->  HF `text_model.…`.
+  (SD1 files already store HF `CLIPTextModel` names under `cond_stage_model.transformer.`.)
+
+Renaming is by module prefix: a table maps original module paths to diffusers module paths and a
+key is renamed by its longest prefix found in the table. A key that matches nothing is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from sdtorch.config import ClipConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
+
+StateDict = dict[str, Tensor]
+
+# ---------------------------------------------------------------------------------------------
+# Generic prefix renaming
+
+
+def _rename(sd: StateDict, table: dict[str, str]) -> StateDict:
+    """Rename every key by its longest module prefix found in `table`."""
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in table:
+                out[".".join([table[prefix], *parts[i:]])] = value
+                break
+        else:
+            raise KeyError(f"no conversion rule for key {key!r}")
+    return out
+
+
+def _invert(table: dict[str, str]) -> dict[str, str]:
+    return {v: k for k, v in table.items()}
+
+
+def _expand(pairs: list[tuple[str, str]], inner: dict[str, str]) -> dict[str, str]:
+    """For each (original, diffusers) module pair, map each inner submodule name."""
+    return {f"{o}.{a}": f"{d}.{b}" for o, d in pairs for a, b in inner.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet
+
+_UNET_RESNET = {  # ldm ResBlock -> diffusers ResnetBlock2D
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+
+
+def _unet_table(cfg: UNetConfig) -> dict[str, str]:
+    """Original module path -> diffusers module path for one UNet configuration.
+
+    Original input blocks: 0 is conv_in, then per level `num_res_blocks` (ResBlock[, attention])
+    blocks followed by one downsampler block (not on the last level). Output blocks: per level,
+    from the deepest up, `num_res_blocks + 1` (ResBlock[, attention][, upsampler]) blocks.
+    """
+    n, levels = cfg.num_res_blocks, len(cfg.channel_mult)
+    has_attn = [2**level in cfg.attention_resolutions for level in range(levels)]
+    table = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "input_blocks.0.0": "conv_in",
+        "middle_block.1": "mid_block.attentions.0",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+    }
+    resnets = [("middle_block.0", "mid_block.resnets.0"), ("middle_block.2", "mid_block.resnets.1")]
+    for level in range(levels):
+        for j in range(n):
+            i = 1 + level * (n + 1) + j
+            resnets.append((f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}"))
+            if has_attn[level]:
+                table[f"input_blocks.{i}.1"] = f"down_blocks.{level}.attentions.{j}"
+        if level < levels - 1:
+            i = 1 + level * (n + 1) + n
+            table[f"input_blocks.{i}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+    for up in range(levels):  # diffusers up_blocks.up is level (levels - 1 - up)
+        attn = has_attn[levels - 1 - up]
+        for j in range(n + 1):
+            i = up * (n + 1) + j
+            resnets.append((f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}"))
+            if attn:
+                table[f"output_blocks.{i}.1"] = f"up_blocks.{up}.attentions.{j}"
+        if up < levels - 1:
+            i = up * (n + 1) + n
+            table[f"output_blocks.{i}.{2 if attn else 1}.conv"] = f"up_blocks.{up}.upsamplers.0.conv"
+    return table | _expand(resnets, _UNET_RESNET)
+
+
+def unet_from_diffusers(sd: StateDict, cfg: UNetConfig) -> StateDict:
+    """diffusers `UNet2DConditionModel` state dict -> original keys (no `model.diffusion_model.`).
+
+    Transformer internals (attn1/attn2/ff/norm1-3, proj_in/proj_out) keep their names and shapes:
+    proj_in/proj_out are 1x1 convs in both formats for SD1 and Linear in both for SD2.
+    """
+    return _rename(sd, _invert(_unet_table(cfg)))
+
+
+def unet_to_diffusers(sd: StateDict, cfg: UNetConfig) -> StateDict:
+    """Original UNet keys (no `model.diffusion_model.`) -> diffusers `UNet2DConditionModel`."""
+    return _rename(sd, _unet_table(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+               "nin_shortcut": "conv_shortcut"}
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_VAE_ATTN_1X1 = ("to_q", "to_k", "to_v", "to_out.0")  # 1x1 Conv2d in ldm, Linear in diffusers
+
+
+def _vae_table(cfg: VAEConfig) -> dict[str, str]:
+    """Original module path -> diffusers module path. The decoder's `up.i` is diffusers'
+    `up_blocks.(levels - 1 - i)`: ldm builds the decoder from the deepest level down by index."""
+    n, levels = cfg.num_res_blocks, len(cfg.ch_mult)
+    table = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    resnets = []
+    for part in ("encoder", "decoder"):
+        for name in ("conv_in", "conv_out"):
+            table[f"{part}.{name}"] = f"{part}.{name}"
+        table[f"{part}.norm_out"] = f"{part}.conv_norm_out"
+        resnets += [(f"{part}.mid.block_{k + 1}", f"{part}.mid_block.resnets.{k}") for k in (0, 1)]
+        table |= _expand([(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0")], _VAE_ATTN)
+    for i in range(levels):
+        resnets += [(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}") for j in range(n)]
+        if i < levels - 1:
+            table[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        up = levels - 1 - i
+        resnets += [(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}")
+                    for j in range(n + 1)]
+        if i > 0:
+            table[f"decoder.up.{i}.upsample.conv"] = f"decoder.up_blocks.{up}.upsamplers.0.conv"
+    return table | _expand(resnets, _VAE_RESNET)
+
+
+def _is_vae_attn_weight(diffusers_key: str) -> bool:
+    return ".mid_block.attentions.0." in diffusers_key and diffusers_key.endswith(
+        tuple(f"{name}.weight" for name in _VAE_ATTN_1X1)
+    )
+
+
+def vae_from_diffusers(sd: StateDict, cfg: VAEConfig) -> StateDict:
+    """diffusers `AutoencoderKL` state dict -> original keys (no `first_stage_model.`).
+
+    Mid-block attention q/k/v/proj_out weights: Linear (C, C) -> 1x1 conv (C, C, 1, 1).
+    """
+    sd = {k: v[:, :, None, None] if _is_vae_attn_weight(k) else v for k, v in sd.items()}
+    return _rename(sd, _invert(_vae_table(cfg)))
+
+
+def vae_to_diffusers(sd: StateDict, cfg: VAEConfig) -> StateDict:
+    """Original VAE keys (no `first_stage_model.`) -> diffusers `AutoencoderKL`."""
+    out = _rename(sd, _vae_table(cfg))
+    return {k: v[:, :, 0, 0] if _is_vae_attn_weight(k) else v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenCLIP text encoder (SD2)
+
+_OPENCLIP = {  # OpenCLIP module path -> HF CLIPTextModel module path (per layer: see _OPENCLIP_LAYER)
+    "token_embedding": "text_model.embeddings.token_embedding",
+    "ln_final": "text_model.final_layer_norm",
+}
+_OPENCLIP_LAYER = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj", "ln_2": "layer_norm2",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_POSITIONAL = ("positional_embedding", "text_model.embeddings.position_embedding.weight")
+OPENCLIP_UNUSED = ("text_projection", "logit_scale")  # the CLIP loss head; SD never uses it
+
+
+def _openclip_table(layers: int) -> dict[str, str]:
+    pairs = [(f"transformer.resblocks.{i}", f"text_model.encoder.layers.{i}") for i in range(layers)]
+    return _OPENCLIP | _expand(pairs, _OPENCLIP_LAYER)
+
+
+def _count_layers(sd: StateDict, marker: str) -> int:
+    return len({k[len(marker) :].split(".")[0] for k in sd if k.startswith(marker)})
+
+
+def openclip_to_hf(sd: StateDict) -> StateDict:
+    """OpenCLIP text tower (keys without `cond_stage_model.model.`) -> HF `text_model.…` keys.
+
+    The fused attention `in_proj_weight` (3W, W) is split into q/k/v in that order.
+    `text_projection` and `logit_scale` are dropped (Stable Diffusion does not use them).
+    """
+    sd = {k: v for k, v in sd.items() if k not in OPENCLIP_UNUSED}
+    out = {_POSITIONAL[1]: sd.pop(_POSITIONAL[0])}
+    for key in [k for k in sd if ".attn.in_proj_" in k]:
+        layer, kind = key.split(".attn.in_proj_")  # kind: "weight" | "bias"
+        hf = layer.replace("transformer.resblocks.", "text_model.encoder.layers.")
+        for name, part in zip("qkv", sd.pop(key).chunk(3, dim=0)):
+            out[f"{hf}.self_attn.{name}_proj.{kind}"] = part
+    layers = _count_layers(sd, "transformer.resblocks.")
+    return out | _rename(sd, _openclip_table(layers))
+
+
+def hf_to_openclip(
+    sd: StateDict, *, text_projection: Tensor | None = None, logit_scale: Tensor | None = None
+) -> StateDict:
+    """HF `text_model.…` keys -> OpenCLIP (keys without `cond_stage_model.model.`).
+
+    q/k/v are fused into `in_proj_weight`/`in_proj_bias`. `text_projection` (W, W, applied as
+    `x @ text_projection`) and `logit_scale` (a scalar) appear only when passed.
+    """
+    sd = dict(sd)
+    out = {_POSITIONAL[0]: sd.pop(_POSITIONAL[1])}
+    layers = _count_layers(sd, "text_model.encoder.layers.")
+    for i in range(layers):
+        hf, oc = f"text_model.encoder.layers.{i}.self_attn", f"transformer.resblocks.{i}.attn"
+        for kind in ("weight", "bias"):
+            out[f"{oc}.in_proj_{kind}"] = torch.cat([sd.pop(f"{hf}.{n}_proj.{kind}") for n in "qkv"])
+    out |= _rename(sd, _invert(_openclip_table(layers)))
+    extras = {"text_projection": text_projection, "logit_scale": logit_scale}
+    return out | {k: v for k, v in extras.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: sdtorch field -> diffusers / transformers config key, for the fields that map 1:1.
+# A key missing from a config dict takes the sdtorch default, which is also the diffusers default.
+
+_UNET_FIELDS = {
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "num_res_blocks": "layers_per_block",
+    "transformer_depth": "transformer_layers_per_block",
+    "context_dim": "cross_attention_dim",
+    "use_linear_in_transformer": "use_linear_projection",
+    "norm_groups": "norm_num_groups",
+    "dropout": "dropout",
+}
+_VAE_FIELDS = {
+    "in_channels": "in_channels",
+    "out_ch": "out_channels",
+    "num_res_blocks": "layers_per_block",
+    "z_channels": "latent_channels",  # diffusers also ties embed_dim to it
+    "norm_groups": "norm_num_groups",
+    "scaling_factor": "scaling_factor",
+}
+_CLIP_FIELDS = {
+    "vocab_size": "vocab_size",
+    "max_length": "max_position_embeddings",
+    "width": "hidden_size",
+    "heads": "num_attention_heads",
+    "act": "hidden_act",
+    "layer_norm_eps": "layer_norm_eps",
+}
+_PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
+_PAD_TOKENS = {"<|endoftext|>": 49407, "!": 0}  # SD1 pads with <end>, SD2 with "!"
+
+
+def _fields(d: dict, table: dict[str, str]) -> dict:
+    return {field: d[key] for field, key in table.items() if key in d}
+
+
+def _channels(block_out_channels: list[int]) -> tuple[int, tuple[int, ...]]:
+    """(base channels, multipliers) from diffusers' per-level channel list."""
+    return block_out_channels[0], tuple(c // block_out_channels[0] for c in block_out_channels)
+
+
+def _unet_config(d: dict) -> UNetConfig:
+    channels, down = list(d["block_out_channels"]), list(d["down_block_types"])
+    if [t.replace("Down", "Up") for t in reversed(down)] != list(d["up_block_types"]):
+        raise ValueError(f"up_block_types {d['up_block_types']} do not mirror down_block_types {down}")
+    if not isinstance(depth := d.get("transformer_layers_per_block", 1), int):
+        raise ValueError(f"per-block transformer_layers_per_block {depth} is not supported")
+    # diffusers' `attention_head_dim` is the head COUNT (a misnomer diffusers keeps for old configs).
+    # Its SD2 conversion writes per-block counts, channels // 64: that is a fixed head width.
+    heads = d.get("num_attention_heads") or d["attention_head_dim"]
+    num_heads, num_head_channels = heads, -1
+    if isinstance(heads, (list, tuple)):
+        widths = {c // h for c, h in zip(channels, heads)}
+        if len(widths) != 1 or any(c % h for c, h in zip(channels, heads)):
+            raise ValueError(f"per-block attention heads {heads} do not give one head width")
+        num_heads, num_head_channels = -1, widths.pop()
+    model_channels, channel_mult = _channels(channels)
+    attention = tuple(2**i for i, t in reversed(list(enumerate(down))) if t.startswith("CrossAttn"))
+    return UNetConfig(
+        **_fields(d, _UNET_FIELDS),
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        attention_resolutions=attention,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+    )
+
+
+def _vae_config(d: dict) -> VAEConfig:
+    ch, ch_mult = _channels(list(d["block_out_channels"]))
+    return VAEConfig(**_fields(d, _VAE_FIELDS), ch=ch, ch_mult=ch_mult, embed_dim=d["latent_channels"])
+
+
+def _clip_config(d: dict, pad_token: str | None) -> ClipConfig:
+    if d["intermediate_size"] % d["hidden_size"]:
+        raise ValueError(f"intermediate_size {d['intermediate_size']} is not a multiple of the width")
+    if pad_token is not None and pad_token not in _PAD_TOKENS:
+        raise ValueError(f"unknown pad token {pad_token!r}; expected one of {list(_PAD_TOKENS)}")
+    pad = _PAD_TOKENS[pad_token] if pad_token is not None else d["pad_token_id"]
+    # A diffusers text encoder holds only the layers that are used, so clip_skip is 1.
+    return ClipConfig(
+        **_fields(d, _CLIP_FIELDS),
+        layers=d["num_hidden_layers"],
+        clip_skip=1,
+        mlp_ratio=d["intermediate_size"] // d["hidden_size"],
+        pad_token_id=pad,
+    )
+
+
+def config_from_diffusers(
+    unet_cfg: dict,
+    vae_cfg: dict,
+    text_cfg: dict,
+    scheduler_cfg: dict,
+    *,
+    pad_token: str | None = None,
+    name: str = "diffusers",
+) -> ModelConfig:
+    """ModelConfig from the config.json dicts of a diffusers Stable Diffusion folder.
+
+    pad_token: the tokenizer's pad token ("<|endoftext|>" or "!"). Real text_encoder configs carry
+    a meaningless `pad_token_id` (1), so pass the tokenizer's when there is one; without it
+    `text_cfg["pad_token_id"]` is used (as `diffusers_configs` writes it).
+    The text encoder is stored as OpenCLIP ("openclip" layout) when it uses plain gelu: among SD
+    models only OpenCLIP ViT-H (SD2) does; OpenAI CLIP ViT-L (SD1) uses quick_gelu.
+    """
+    prediction_type = scheduler_cfg.get("prediction_type", "epsilon")
+    prediction = {v: k for k, v in _PREDICTION.items()}.get(prediction_type)
+    if prediction is None:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    clip, vae = _clip_config(text_cfg, pad_token), _vae_config(vae_cfg)
+    schedule = {k: scheduler_cfg[k] for k in ScheduleConfig.__dataclass_fields__ if k in scheduler_cfg}
+    return ModelConfig(
+        name=name,
+        clip=clip,
+        unet=_unet_config(unet_cfg),
+        vae=vae,
+        schedule=ScheduleConfig(**schedule),
+        prediction=prediction,
+        clip_layout="openclip" if clip.act == "gelu" else "hf",
+        sample_size=unet_cfg["sample_size"] * 2 ** (len(vae.ch_mult) - 1),
+    )
+
+
+def diffusers_configs(cfg: ModelConfig) -> dict:
+    """{"unet", "vae", "text_encoder", "scheduler"} kwargs for `UNet2DConditionModel`,
+    `AutoencoderKL`, `CLIPTextConfig` and `PNDMScheduler.from_config`.
+
+    The text encoder keeps only the layers that condition the UNet: `layers - clip_skip + 1`
+    (SD2: 23 of OpenCLIP's 24), as diffusers' own conversion does; the final layer norm is
+    applied to its output either way. The scheduler is SD's PNDM default.
+    """
+    u, v, c, s = cfg.unet, cfg.vae, cfg.clip, cfg.schedule
+    if v.embed_dim != v.z_channels:
+        raise ValueError(f"diffusers needs embed_dim == z_channels, got {v.embed_dim} != {v.z_channels}")
+    attn = [2**i in u.attention_resolutions for i in range(len(u.channel_mult))]
+    channels = [u.model_channels * m for m in u.channel_mult]
+    # head COUNT, see _unet_config
+    heads = u.num_heads if u.num_head_channels == -1 else [ch // u.num_head_channels for ch in channels]
+    unet = {key: getattr(u, field) for field, key in _UNET_FIELDS.items()} | {
+        "sample_size": cfg.sample_size // 2 ** (len(v.ch_mult) - 1),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": channels,
+        "attention_head_dim": heads,
+    }
+    vae = {key: getattr(v, field) for field, key in _VAE_FIELDS.items()} | {
+        "sample_size": cfg.sample_size,
+        "down_block_types": ["DownEncoderBlock2D"] * len(v.ch_mult),
+        "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult),
+        "block_out_channels": [v.ch * m for m in v.ch_mult],
+    }
+    text_encoder = {key: getattr(c, field) for field, key in _CLIP_FIELDS.items()} | {
+        "intermediate_size": c.width * c.mlp_ratio,
+        "num_hidden_layers": c.layers - c.clip_skip + 1,
+        "pad_token_id": c.pad_token_id,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+    }
+    scheduler = {k: getattr(s, k) for k in ScheduleConfig.__dataclass_fields__} | {
+        "_class_name": "PNDMScheduler",
+        "skip_prk_steps": True,
+        "set_alpha_to_one": False,
+        "clip_sample": False,  # not a PNDM argument, but a DDIM built from_config reads it
+        "prediction_type": _PREDICTION[cfg.prediction],
+    }
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusers folders
+
+_WEIGHT_NAMES = (  # preferred over other files (e.g. fp16 variants) in a component folder
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+
+
+def _load_weights(folder: Path) -> StateDict:
+    """A component folder's weights: its standard file, else its only *.safetensors / *.bin file.
+    (Sharded components are not read: SD 1/2 components are far below diffusers' shard size.)"""
+    standard = [folder / n for n in _WEIGHT_NAMES if (folder / n).is_file()]
+    found = standard[:1] or sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one weights file in {folder}, found {[f.name for f in found]}")
+    if found[0].suffix == ".safetensors":
+        return load_file(found[0])
+    return torch.load(found[0], map_location="cpu", weights_only=True)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}")
+    return json.loads(path.read_text())
+
+
+def _pad_token(tokenizer: Path) -> str | None:
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (tokenizer / name).is_file():
+            pad = json.loads((tokenizer / name).read_text()).get("pad_token")
+            return pad["content"] if isinstance(pad, dict) else pad
+    return None
+
+
+def diffusers_folder_to_original(folder: str | Path) -> tuple[StateDict, ModelConfig]:
+    """Read a diffusers Stable Diffusion folder into one original-layout state dict.
+
+    Returns keys with their prefixes (`model.diffusion_model.`, `first_stage_model.`, and
+    `cond_stage_model.transformer.` or, for OpenCLIP models, `cond_stage_model.model.`) and the
+    ModelConfig. The text encoder has the folder's layers only (see `diffusers_configs`);
+    `position_ids` buffers that older text-encoder files carry are dropped.
+    """
+    folder = Path(folder)
+    _read_json(folder / "model_index.json")
+    configs = [_read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")]
+    configs.append(_read_json(folder / "scheduler" / "scheduler_config.json"))
+    pad = _pad_token(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
+    cfg = config_from_diffusers(*configs, pad_token=pad, name=folder.name)
+
+    unet = unet_from_diffusers(_load_weights(folder / "unet"), cfg.unet)
+    vae = vae_from_diffusers(_load_weights(folder / "vae"), cfg.vae)
+    # transformers >= 5.6 saves CLIPTextModel without the `text_model.` level; older files have it
+    text = {k.removeprefix("text_model."): v for k, v in _load_weights(folder / "text_encoder").items()}
+    text = {f"text_model.{k}": v for k, v in text.items() if not k.endswith("position_ids")}
+    if cfg.clip_layout == "openclip":
+        text = {f"cond_stage_model.model.{k}": v for k, v in hf_to_openclip(text).items()}
+    else:
+        text = {f"cond_stage_model.transformer.{k}": v for k, v in text.items()}
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
+    sd |= {f"first_stage_model.{k}": v for k, v in vae.items()}
+    return sd | text, cfg

@@ -1,0 +1,76 @@
+"""Adapters from a UNet to a denoiser D(x, sigma, cond) -> x0, and classifier-free guidance.
+
+The samplers see only denoisers (k-diffusion's `external.py` design). A denoiser works in VE
+space, x = x0 + sigma * eps; the UNet was trained in VP space on x * sqrt(alpha_cumprod) =
+x / sqrt(1 + sigma^2) at an integer timestep t, so the adapter scales the input and maps sigma
+to t. Guidance (and later inpainting) are wrappers around a denoiser with the same call.
+
+UNet contract: `unet(x_in: (B, C, h, w), t: (B,) float, context: (B, L, D)) -> (B, C, h, w)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import Prediction, ScheduleConfig
+from .schedule import sigma_to_t, training_sigmas
+
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DiscreteDenoiser(nn.Module):
+    """A UNet trained on the discrete DDPM schedule, predicting eps or v, as a denoiser.
+
+    `quantize` rounds the timestep to the nearest integer, as DDIM, PNDM, DDPM, DPMSolver and
+    UniPC do in diffusers; Euler-type schedulers feed fractional timesteps (Karras grids).
+    """
+
+    def __init__(self, unet: UNetFn, schedule: ScheduleConfig, prediction: Prediction = "eps", *,
+                 quantize: bool = False):
+        super().__init__()
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.unet = unet
+        self.prediction = prediction
+        self.quantize = quantize
+        self.register_buffer("sigmas", training_sigmas(schedule), persistent=False)  # (T,)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma_to_t(sigma, self.sigmas, self.quantize)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, h, w) noisy latents in VE space; sigma: (B,); cond: (B, L, D) -> x0 (B, C, h, w)."""
+        s = sigma.view(-1, *[1] * (x.ndim - 1))
+        c_in = (s**2 + 1) ** -0.5  # = sqrt(alpha_cumprod): VE -> VP
+        out = self.unet((x * c_in).to(x.dtype), self.sigma_to_t(sigma), cond)
+        if self.prediction == "eps":
+            return (x - s * out).to(x.dtype)
+        # v = sqrt(a) eps - sqrt(1-a) x0_vp (Salimans & Ho 2022), rewritten in VE terms:
+        return (x * c_in**2 - out * s * c_in).to(x.dtype)
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond).
+
+    Applied to x0 rather than to the UNet output as diffusers does; the two are equal because
+    x0 is affine in the UNet output with coefficients that only depend on x and sigma.
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], scale: float):
+        super().__init__()
+        self.denoiser = denoiser
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, h, w); sigma: (B,); cond, uncond: (B, L, D). One UNet batch of 2B."""
+        if self.scale <= 1 or uncond is None:
+            return self.denoiser(x, sigma, cond)
+        # Negative first, as diffusers batches it.
+        x0_uncond, x0_cond = self.denoiser(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond])
+        ).chunk(2)
+        return x0_uncond + self.scale * (x0_cond - x0_uncond)

@@ -1,0 +1,226 @@
+"""Text-to-image: load a checkpoint, encode prompts, sample latents, decode images.
+
+Seeds and noise follow the reference (diffusers `StableDiffusionPipeline`): one CPU generator
+seeded with `seed` draws the initial noise for the whole batch in one call, then every
+per-step noise draw of the ancestral samplers, in that order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import checkpoint, samplers
+from .clip import ClipTextModel
+from .config import ModelConfig, Prediction
+from .denoisers import CFGDenoiser, DiscreteDenoiser
+from .tokenizer import ClipTokenizer
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerationParams:
+    """Everything that determines an image, as written into its PNG."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp_2m_karras"
+    cfg_scale: float = 7.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    eta: float = 0.0
+    clip_skip: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """A loaded text-to-image model. Build it with `sdtorch.load(path)`."""
+
+    def __init__(self, config: ModelConfig, unet: UNetModel, vae: AutoencoderKL, clip: ClipTextModel, *,
+                 path: Path | None = None, prediction_source: str = "given"):
+        self.config = config
+        self.unet, self.vae, self.clip = unet.eval(), vae.eval(), clip.eval()
+        self.tokenizer = ClipTokenizer()
+        self.path = path
+        self.prediction_source = prediction_source
+        self._hash: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.time_embed[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.time_embed[0].weight.device
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """prompts -> text states (B, 77, width) that condition the UNet."""
+        tokens = self.tokenizer(prompts, pad_id=self.config.clip.pad_token_id).to(self.device)
+        return self.clip(tokens, clip_skip).float()
+
+    def denoiser(self, cfg_scale: float, quantize: bool = False) -> CFGDenoiser:
+        """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32."""
+        def unet(x, t, context):
+            return self.unet(x, t, context).float()
+
+        inner = DiscreteDenoiser(unet, self.config.schedule, self.config.prediction, quantize=quantize)
+        return CFGDenoiser(inner, cfg_scale)
+
+    @torch.no_grad()
+    def generate_latents(self, params: GenerationParams, callback: Callable | None = None,
+                         progress: bool = True) -> torch.Tensor:
+        """Run the sampler; returns the final latents (B, 4, H/f, W/f), unscaled for decoding."""
+        _validate(params, self.vae.downscale)
+        prompts = [params.prompt] * params.batch_size
+        cond = self.encode_prompt(prompts, params.clip_skip)
+        uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
+        f = self.vae.downscale
+        shape = (params.batch_size, self.config.unet.out_channels, params.height // f, params.width // f)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return samplers.sample(
+            params.sampler, lambda quantize: self.denoiser(params.cfg_scale, quantize),
+            noise.to(self.device), params.steps, self.config.schedule,
+            extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator,
+            eta=params.eta, disable=not progress, prediction=self.config.prediction,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1]."""
+        image = self.vae.decode(latents / self.config.vae.scaling_factor)
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    def generate(self, prompt: str, negative_prompt: str = "", *, steps: int = 20,
+                 sampler: str = "dpmpp_2m_karras", cfg_scale: float = 7.5, seed: int | None = None,
+                 width: int | None = None, height: int | None = None, batch_size: int = 1,
+                 eta: float = 0.0, clip_skip: int | None = None, callback: Callable | None = None,
+                 progress: bool = True) -> list[Image.Image]:
+        """Generate `batch_size` images; each carries its parameters in `image.info["parameters"]`.
+
+        callback(dict) is called after every sampler step with the current `x`, the predicted
+        clean latents `denoised`, the step index `i` and `sigma` (use it for previews).
+        """
+        size = self.config.sample_size
+        params = GenerationParams(
+            prompt, negative_prompt, steps, sampler, cfg_scale,
+            random.randrange(2**32) if seed is None else seed,
+            width or size, height or size, batch_size, eta, clip_skip,
+        )
+        latents = self.generate_latents(params, callback, progress)
+        text = self.infotext(params)
+        images = to_pil(self.decode(latents))
+        for image in images:
+            image.info["parameters"] = text
+        return images
+
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's short model hash: the first 10 hex digits of the file's sha256."""
+        if self._hash is None:
+            if self.path is None or not self.path.is_file():
+                self._hash = ""
+            else:
+                h = hashlib.sha256()
+                with open(self.path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 24), b""):
+                        h.update(block)
+                self._hash = h.hexdigest()[:10]
+        return self._hash
+
+    def infotext(self, p: GenerationParams) -> str:
+        """The `parameters` text AUTOMATIC1111 writes into PNGs (and tools read back)."""
+        fields = {
+            "Steps": p.steps,
+            "Sampler": samplers.display_name(p.sampler),
+            "CFG scale": p.cfg_scale,
+            "Seed": p.seed,
+            "Size": f"{p.width}x{p.height}",
+            "Model hash": self.model_hash(),
+            "Model": self.path.stem if self.path else self.config.name,
+        }
+        if p.clip_skip:
+            fields["Clip skip"] = p.clip_skip
+        if p.eta:
+            fields["Eta"] = p.eta
+        line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != "")
+        neg = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
+        return f"{p.prompt}{neg}\n{line}"
+
+
+def _validate(p: GenerationParams, downscale: int) -> None:
+    if not isinstance(p.prompt, str) or not isinstance(p.negative_prompt, str):
+        raise TypeError(f"prompt and negative prompt must be strings, got {type(p.prompt).__name__}")
+    for name in ("width", "height"):
+        v = getattr(p, name)
+        if not isinstance(v, int) or v <= 0 or v % 8 or v % downscale:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+    if not isinstance(p.steps, int) or p.steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {p.steps}")
+    if not isinstance(p.batch_size, int) or p.batch_size <= 0:
+        raise ValueError(f"batch size must be a positive integer, got {p.batch_size}")
+    if p.sampler not in samplers.SAMPLERS:
+        raise ValueError(f"unknown sampler {p.sampler!r}; choose from {', '.join(samplers.SAMPLERS)}")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images, rounded as the reference does."""
+    arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save with the generation parameters in a `parameters` tEXt chunk (A1111's format)."""
+    info = PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    path = Path(path)
+    image.save(path, pnginfo=info)
+    return path
+
+
+def load(path: str | Path, *, config: ModelConfig | None = None, prediction: Prediction | None = None,
+         dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> Pipeline:
+    """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder.
+
+    The model is detected from the keys and shapes unless `config` is given; the prediction type
+    (eps / v) can be given, else it is read from the file's metadata or guessed (and logged).
+    """
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    ckpt = checkpoint.read(path, config=config, prediction=prediction)
+    cfg = ckpt.config
+    log.info("loaded %s: %s, prediction %s (%s)", path, describe(cfg), cfg.prediction, ckpt.prediction_source)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        unet, vae, clip = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), ClipTextModel(cfg.clip)
+    checkpoint.load_strict(unet, ckpt.unet, "UNet", dtype)
+    checkpoint.load_strict(vae, ckpt.vae, "VAE", dtype)
+    checkpoint.load_strict(clip, ckpt.clip, "text encoder", dtype)
+    pipe = Pipeline(cfg, unet.to(device), vae.to(device), clip.to(device),
+                    path=Path(path), prediction_source=ckpt.prediction_source)
+    return pipe
+
+
+def describe(cfg: ModelConfig) -> str:
+    """A one-line name for what a config is: 'SD 1.x', 'SD 2.x inpainting', ..."""
+    family = "SD 2.x" if cfg.clip_layout == "openclip" else "SD 1.x"
+    if cfg.unet.context_dim not in (768, 1024) or cfg.unet.model_channels != 320:
+        family = f"custom ({cfg.name})"
+    kind = " inpainting" if cfg.unet.in_channels == 9 else ""
+    return f"{family}{kind}"

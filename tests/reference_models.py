@@ -1,0 +1,144 @@
+"""Random-weight reference models (diffusers folders and original single files). Test-only.
+
+`build_reference_folder` writes a diffusers `StableDiffusionPipeline` folder for a preset;
+`write_original_checkpoint` turns it into the original (CompVis/LDM) single-file layout with
+`sdtorch.convert.diffusers_folder_to_original`. diffusers' own `from_single_file` reading that
+file back is what holds the converter to the reference (tests/test_convert.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from reference_files import write_hf_tokenizer
+from safetensors.torch import save_file
+
+from sdtorch.config import ClipConfig, ModelConfig
+from sdtorch.convert import diffusers_configs, diffusers_folder_to_original
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A preset's random-weight reference: diffusers folder + original-layout single file."""
+
+    preset: ModelConfig
+    folder: Path  # diffusers StableDiffusionPipeline folder
+    checkpoint: Path  # original-layout .safetensors written from `folder`
+
+
+def build_reference_folder(preset: ModelConfig, folder: str | Path, seed: int = 0) -> Path:
+    """Write a loadable diffusers `StableDiffusionPipeline` folder with random weights.
+
+    Components are built from `diffusers_configs(preset)` one at a time (seeded with
+    `seed + k` right before each constructor: unet 0, vae 1, text_encoder 2) and freed after
+    saving, so a full-size preset never holds more than one model in memory. The scheduler is
+    SD's PNDM default (v_prediction for v models); no safety checker.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    cfgs = diffusers_configs(preset)
+    builders = {
+        "unet": lambda: UNet2DConditionModel(**cfgs["unet"]),
+        "vae": lambda: AutoencoderKL(**cfgs["vae"]),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfgs["text_encoder"])),
+    }
+    for k, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(seed + k)
+        model = build()
+        model.save_pretrained(folder / name)
+        del model
+        gc.collect()
+    PNDMScheduler.from_config(cfgs["scheduler"]).save_pretrained(folder / "scheduler")
+    pad_token = "!" if preset.clip.pad_token_id == 0 else "<|endoftext|>"
+    write_hf_tokenizer(folder / "tokenizer", pad_token=pad_token)
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    return folder
+
+
+def openclip_unused_shapes(clip: ClipConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the OpenCLIP tensors a real SD2 file has but SD never uses (no prefix):
+    the last resblock (`layer`: 23 for ViT-H, since SD2 conditions on the penultimate layer's
+    output), `text_projection` (W, W) and the scalar `logit_scale`."""
+    w, h = clip.width, clip.width * clip.mlp_ratio
+    block = {
+        "ln_1.weight": (w,),
+        "ln_1.bias": (w,),
+        "attn.in_proj_weight": (3 * w, w),
+        "attn.in_proj_bias": (3 * w,),
+        "attn.out_proj.weight": (w, w),
+        "attn.out_proj.bias": (w,),
+        "ln_2.weight": (w,),
+        "ln_2.bias": (w,),
+        "mlp.c_fc.weight": (h, w),
+        "mlp.c_fc.bias": (h,),
+        "mlp.c_proj.weight": (w, h),
+        "mlp.c_proj.bias": (w,),
+    }
+    shapes = {f"transformer.resblocks.{layer}.{k}": s for k, s in block.items()}
+    return shapes | {"text_projection": (w, w), "logit_scale": ()}
+
+
+def write_original_checkpoint(
+    folder: str | Path, path: str | Path, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write the original-layout single file of a diffusers folder (.safetensors, or a
+    `torch.save({"state_dict": ...})` pickle when `path` ends in .ckpt).
+
+    For OpenCLIP models (SD2) the file gets the real layout: diffusers keeps 23 of ViT-H's 24
+    resblocks, so a random 24th resblock (unused: SD2 reads the penultimate layer), a random
+    `text_projection` (W, W) and `logit_scale` = ln(100) (OpenCLIP's trained value) are added.
+    No `position_ids` and no `model_ema.*` keys are written.
+    """
+    path = Path(path)
+    sd, cfg = diffusers_folder_to_original(folder)
+    if cfg.clip_layout == "openclip":
+        g = torch.Generator().manual_seed(1234)
+        for name, shape in openclip_unused_shapes(cfg.clip, cfg.clip.layers).items():
+            value = torch.randn(shape, generator=g) * 0.02 if shape else torch.tensor(math.log(100.0))
+            sd[f"cond_stage_model.model.{name}"] = value
+    sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": sd}, path)
+    else:
+        save_file(sd, path)
+    del sd
+    gc.collect()
+    return path
+
+
+def build_reference(preset: ModelConfig, root: str | Path, seed: int = 0) -> Reference:
+    """`build_reference_folder` + `write_original_checkpoint` under `root`."""
+    root = Path(root)
+    folder = build_reference_folder(preset, root / "diffusers", seed=seed)
+    return Reference(preset, folder, write_original_checkpoint(folder, root / f"{preset.name}.safetensors"))
+
+
+def key_lines(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Sorted `name<TAB>shape` lines (shape `320,4,3,3`; empty for a scalar)."""
+    return [f"{k}\t{','.join(map(str, s))}" for k, s in sorted(shapes.items())]
+
+
+def read_key_list(path: str | Path) -> list[str]:
+    """The `name<TAB>shape` lines of a tests/data/keys_*.txt file, '#' comment lines skipped."""
+    lines = Path(path).read_text().splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
