@@ -30,9 +30,10 @@ PREFIXES = {
     "openclip": "cond_stage_model.model.",  # SD2: OpenCLIP names
 }
 # Keys real files carry that Stable Diffusion inference does not use: the training schedule's
-# buffers, EMA copies, CLIP's position ids and OpenCLIP's contrastive head.
+# buffers, EMA copies, CLIP's position ids, OpenCLIP's contrastive head, and the `v_pred` marker
+# some tools add (read by `read` before this filter).
 IGNORED = re.compile(
-    r"^(model_ema\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|lvlb_weights$|logvar$"
+    r"^(v_pred$|model_ema\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|lvlb_weights$|logvar$"
     r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"
     r"|cond_stage_model\.model\.(logit_scale|text_projection)$)"
 )
@@ -153,7 +154,7 @@ def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
         model_channels=mc,
         channel_mult=tuple(mults),
         num_res_blocks=res_per_level[0],
-        attention_resolutions=tuple(attn),
+        attention_resolutions=tuple(sorted(attn, reverse=True)),  # as the YAML configs list them
         num_heads=-1 if sd2 else 8,
         num_head_channels=64 if sd2 else -1,
         transformer_depth=len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
@@ -215,13 +216,13 @@ def read(
 ) -> Checkpoint:
     """Read a single file or a diffusers folder and work out what model it holds."""
     path = Path(path)
+    source = "given config" if config is not None else ""
     if path.is_dir():
         sd, folder_cfg = convert.diffusers_folder_to_original(path)
-        meta, source = {}, "diffusers config"
+        meta, source = {}, source or "diffusers config"
         config = config or folder_cfg
     else:
         sd, meta = read_state_dict(path)
-        source = ""
     unet, vae, clip, layout = split(sd)
     if config is None and CONFIG_KEY in meta:
         config, source = ModelConfig.from_dict(json.loads(meta[CONFIG_KEY])), "metadata"

@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import load, save_png
+    from .pipeline import GenerationParams, load, save_png, validate
 
+    # Check the arguments before spending seconds on loading the model.
+    validate(GenerationParams(args.prompt, args.negative, args.steps, args.sampler, args.cfg, 0,
+                              args.width, args.height, args.batch, args.eta, args.clip_skip))
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype)
     seed = random.randrange(2**32) if args.seed is None else args.seed
     print(f"model: {args.checkpoint} (prediction {pipe.config.prediction}: {pipe.prediction_source})", file=sys.stderr)

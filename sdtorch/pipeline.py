@@ -42,8 +42,8 @@ class GenerationParams:
     sampler: str = "dpmpp_2m_karras"
     cfg_scale: float = 7.5
     seed: int = 0
-    width: int = 512
-    height: int = 512
+    width: int | None = 512  # None: the model's native size
+    height: int | None = 512
     batch_size: int = 1
     eta: float = 0.0
     clip_skip: int | None = None
@@ -88,7 +88,7 @@ class Pipeline:
     def generate_latents(self, params: GenerationParams, callback: Callable | None = None,
                          progress: bool = True) -> torch.Tensor:
         """Run the sampler; returns the final latents (B, 4, H/f, W/f), unscaled for decoding."""
-        _validate(params, self.vae.downscale)
+        validate(params, self.vae.downscale)
         prompts = [params.prompt] * params.batch_size
         cond = self.encode_prompt(prompts, params.clip_skip)
         uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
@@ -165,11 +165,14 @@ class Pipeline:
         return f"{p.prompt}{neg}\n{line}"
 
 
-def _validate(p: GenerationParams, downscale: int) -> None:
+def validate(p: GenerationParams, downscale: int = 8) -> None:
+    """Raise TypeError/ValueError naming the first bad parameter (sizes may be None: native)."""
     if not isinstance(p.prompt, str) or not isinstance(p.negative_prompt, str):
         raise TypeError(f"prompt and negative prompt must be strings, got {type(p.prompt).__name__}")
     for name in ("width", "height"):
         v = getattr(p, name)
+        if v is None:
+            continue
         if not isinstance(v, int) or v <= 0 or v % 8 or v % downscale:
             raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
     if not isinstance(p.steps, int) or p.steps <= 0:
@@ -178,6 +181,8 @@ def _validate(p: GenerationParams, downscale: int) -> None:
         raise ValueError(f"batch size must be a positive integer, got {p.batch_size}")
     if p.sampler not in samplers.SAMPLERS:
         raise ValueError(f"unknown sampler {p.sampler!r}; choose from {', '.join(samplers.SAMPLERS)}")
+    if p.eta and not samplers.SAMPLERS[p.sampler].eta:
+        raise ValueError(f"sampler {p.sampler!r} takes no eta (got eta={p.eta}); only 'ddim' does")
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+from dataclasses import replace
 
 import pytest
 from reference_models import Reference, build_reference
@@ -27,6 +28,24 @@ def tiny_reference(tmp_path_factory) -> Reference:
     yield from _reference(tmp_path_factory, TINY)
 
 
+# SD 2.x in miniature: OpenCLIP-layout text encoder read at the penultimate layer, linear
+# transformer projections with a fixed head width, v-prediction.
+TINY_V = replace(
+    TINY,
+    name="tiny-v",
+    clip=replace(TINY.clip, layers=3, act="gelu", pad_token_id=0, clip_skip=2),
+    unet=replace(TINY.unet, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True),
+    prediction="v",
+    clip_layout="openclip",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_reference(tmp_path_factory) -> Reference:
+    """TINY_V as a diffusers folder and an original-layout .safetensors file."""
+    yield from _reference(tmp_path_factory, TINY_V)
+
+
 @pytest.fixture(scope="session")
 def sd15_reference(tmp_path_factory) -> Reference:
     """SD 1.5 architecture, random weights (slow: ~4 GB per copy)."""
@@ -37,3 +56,39 @@ def sd15_reference(tmp_path_factory) -> Reference:
 def sd21_reference(tmp_path_factory) -> Reference:
     """SD 2.1 (768, v-prediction) architecture, random weights (slow: ~4 GB per copy)."""
     yield from _reference(tmp_path_factory, SD21)
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tiny_reference, tmp_path_factory):
+    """The tiny reference as sdtorch writes it: one .safetensors with its config in the metadata,
+    so it loads without `config=` (as a trained sdtorch model does)."""
+    import sdtorch
+    from sdtorch import checkpoint
+
+    pipe = sdtorch.load(tiny_reference.checkpoint, config=TINY)
+    path = tmp_path_factory.mktemp("tiny_file") / "tiny.safetensors"
+    return checkpoint.save(path, pipe.unet, pipe.vae, pipe.clip, TINY)
+
+
+_PARITY: dict[str, float] = {}
+
+
+@pytest.fixture
+def parity_log(request):
+    """record(quantity, value): keep the worst value of each measured parity quantity, printed
+    in the terminal summary (e.g. 'sd15 unet rel_err')."""
+    preset = request.node.callspec.id.split("-")[0] if hasattr(request.node, "callspec") else ""
+
+    def record(quantity: str, value: float, worst=max) -> float:
+        key = f"{preset} {quantity}".strip()
+        _PARITY[key] = worst(_PARITY.get(key, value), value)
+        return value
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _PARITY:
+        terminalreporter.section("parity with the reference (worst measured)")
+        for key in sorted(_PARITY):
+            terminalreporter.write_line(f"{key:<40} {_PARITY[key]:.3g}")

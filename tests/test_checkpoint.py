@@ -1,0 +1,141 @@
+"""Reading checkpoints: formats, dtypes, safety, detection, strictness."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sdtorch
+from sdtorch import checkpoint
+from sdtorch.clip import ClipTextModel
+from sdtorch.config import SD15, SD21, SD21_BASE, TINY
+from sdtorch.unet import UNetModel
+from sdtorch.vae import AutoencoderKL
+
+
+def _meta_state(preset):
+    with torch.device("meta"):
+        parts = UNetModel(preset.unet), AutoencoderKL(preset.vae), ClipTextModel(preset.clip)
+    return parts
+
+
+@pytest.mark.parametrize("preset", [SD15, SD21, SD21_BASE], ids=lambda p: p.name)
+def test_detect_architecture_from_keys_and_shapes(preset):
+    unet, vae, clip = _meta_state(preset)
+    assert checkpoint.detect_unet(unet.state_dict()) == preset.unet
+    assert checkpoint.detect_vae(vae.state_dict()) == replace(preset.vae)
+    assert checkpoint.detect_clip(clip.state_dict(), preset.clip_layout) == preset.clip
+
+
+def test_split_routes_prefixes_and_skips_only_documented_keys():
+    unet, vae, clip = _meta_state(SD21)
+    sd = checkpoint.original_state_dict(unet, vae, clip, SD21)
+    sd["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+    sd["alphas_cumprod"] = torch.zeros(1000)
+    sd["model_ema.decay"] = torch.tensor(0.999)
+    u, v, c, layout = checkpoint.split(sd)
+    assert layout == "openclip"
+    assert set(c) == set(clip.state_dict()) and set(u) == set(unet.state_dict())
+    sd["something.else"] = torch.zeros(1)
+    with pytest.raises(checkpoint.CheckpointError, match="unexpected keys.*something.else"):
+        checkpoint.split(sd)
+
+
+def test_guess_prediction_like_comfyui():
+    key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    wide = {key: torch.linspace(-1, 1, 320)}
+    narrow = {key: torch.zeros(320)}
+    assert checkpoint.guess_prediction(wide, SD21)[0] == "v"
+    assert checkpoint.guess_prediction(narrow, SD21)[0] == "eps"
+    assert checkpoint.guess_prediction(wide, SD15) == ("eps", "guessed: eps (SD 1.x)")
+
+
+def test_single_file_ckpt_fp16_and_folder_load_the_same_weights(tiny_reference, tmp_path):
+    sd = load_file(tiny_reference.checkpoint)
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": sd}, ckpt)
+    half = tmp_path / "tiny-fp16.safetensors"
+    save_file({k: v.half() for k, v in sd.items()}, half)
+    a = sdtorch.load(tiny_reference.checkpoint, config=TINY)
+    b = sdtorch.load(ckpt, config=TINY)
+    c = sdtorch.load(tiny_reference.folder)  # diffusers folder: config from its json files
+    d = sdtorch.load(half, config=TINY)
+    assert c.config.unet == TINY.unet and c.config.vae == TINY.vae
+    for name in ("unet", "vae", "clip"):
+        sa, sb, sc, sdd = (getattr(p, name).state_dict() for p in (a, b, c, d))
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]) and torch.equal(sa[k], sc[k]), k
+            assert sdd[k].dtype == torch.float32 and torch.equal(sa[k].half().float(), sdd[k]), k
+
+
+def test_load_as_bf16(tiny_reference):
+    pipe = sdtorch.load(tiny_reference.checkpoint, config=TINY, dtype="bf16")
+    assert pipe.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in pipe.unet.parameters())
+
+
+def test_saved_file_carries_its_config(tiny_reference, tmp_path):
+    pipe = sdtorch.load(tiny_reference.checkpoint, config=TINY)
+    path = checkpoint.save(tmp_path / "mine.safetensors", pipe.unet, pipe.vae, pipe.clip, TINY)
+    again = sdtorch.load(path)
+    assert again.config == TINY and again.prediction_source == "metadata"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_given_prediction_and_marker_key(tiny_reference, tmp_path):
+    pipe = sdtorch.load(tiny_reference.checkpoint, config=TINY, prediction="v")
+    assert pipe.config.prediction == "v" and pipe.prediction_source == "given"
+    sd = load_file(tiny_reference.checkpoint)
+    sd["v_pred"] = torch.tensor([])
+    path = tmp_path / "vpred.safetensors"
+    save_file(sd, path)
+    ckpt = checkpoint.read(path, config=TINY)
+    assert ckpt.config.prediction == "v" and ckpt.prediction_source == "marker key"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('SDTORCH_EVIL_MARK', '/tmp/sdtorch-evil')}",))
+
+
+def test_pickle_that_runs_code_is_refused_not_executed(tmp_path, monkeypatch):
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("SDTORCH_EVIL_MARK", str(mark))
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil()}, path, pickle_module=pickle)
+    with pytest.raises(checkpoint.CheckpointError, match="refused to load"):
+        checkpoint.read_state_dict(path)
+    assert not mark.exists()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_corrupt_and_missing_files(tmp_path, tiny_reference, suffix):
+    path = tmp_path / f"broken{suffix}"
+    src = tiny_reference.checkpoint.read_bytes()
+    path.write_bytes(src[: len(src) // 2] if suffix == ".safetensors" else b"not a checkpoint at all")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
+        checkpoint.read_state_dict(path)
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.read_state_dict(tmp_path / f"missing{suffix}")
+    with pytest.raises(checkpoint.CheckpointError, match="unknown checkpoint type"):
+        (tmp_path / "x.txt").write_text("hi")
+        checkpoint.read_state_dict(tmp_path / "x.txt")
+
+
+def test_wrong_shaped_checkpoint_is_named(tiny_reference):
+    bigger = replace(TINY, unet=replace(TINY.unet, model_channels=64))
+    with pytest.raises(checkpoint.CheckpointError, match=r"UNet.*wrong shape.*input_blocks\.0\.0\.weight"):
+        sdtorch.load(tiny_reference.checkpoint, config=bigger)
+
+
+def test_not_a_stable_diffusion_file(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"model.diffusion_model.foo": torch.zeros(1), "first_stage_model.bar": torch.zeros(1),
+               "cond_stage_model.transformer.baz": torch.zeros(1)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a Stable Diffusion checkpoint"):
+        sdtorch.load(path)
