@@ -61,16 +61,20 @@ def test_single_file_ckpt_fp16_and_folder_load_the_same_weights(tiny_reference, 
     torch.save({"state_dict": sd}, ckpt)
     half = tmp_path / "tiny-fp16.safetensors"
     save_file({k: v.half() for k, v in sd.items()}, half)
+    brain = tmp_path / "tiny-bf16.safetensors"
+    save_file({k: v.bfloat16() for k, v in sd.items()}, brain)
     a = sdtorch.load(tiny_reference.checkpoint, config=TINY)
     b = sdtorch.load(ckpt, config=TINY)
     c = sdtorch.load(tiny_reference.folder)  # diffusers folder: config from its json files
     d = sdtorch.load(half, config=TINY)
+    e = sdtorch.load(brain, config=TINY)
     assert c.config.unet == TINY.unet and c.config.vae == TINY.vae
     for name in ("unet", "vae", "clip"):
-        sa, sb, sc, sdd = (getattr(p, name).state_dict() for p in (a, b, c, d))
+        sa, sb, sc, sdd, se = (getattr(p, name).state_dict() for p in (a, b, c, d, e))
         for k in sa:
             assert torch.equal(sa[k], sb[k]) and torch.equal(sa[k], sc[k]), k
             assert sdd[k].dtype == torch.float32 and torch.equal(sa[k].half().float(), sdd[k]), k
+            assert se[k].dtype == torch.float32 and torch.equal(sa[k].bfloat16().float(), se[k]), k
 
 
 def test_load_as_bf16(tiny_reference):
@@ -139,3 +143,24 @@ def test_not_a_stable_diffusion_file(tmp_path):
                "cond_stage_model.transformer.baz": torch.zeros(1)}, path)
     with pytest.raises(checkpoint.CheckpointError, match="not a Stable Diffusion checkpoint"):
         sdtorch.load(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd15_reference", "sd21_reference"])
+def test_real_layout_is_detected_without_help(name, request, capsys):
+    """A full-size original-layout file read with no config: the architecture comes from the keys."""
+    from sdtorch.cli import main
+
+    ref = request.getfixturevalue(name)
+    ckpt = checkpoint.read(ref.checkpoint)
+    expected = ref.preset
+    assert ckpt.config.unet == expected.unet and ckpt.config.vae == expected.vae
+    assert ckpt.config.clip == expected.clip and ckpt.config.clip_layout == expected.clip_layout
+    # Random weights carry no v-model signature, so the guess is eps, and it says it guessed.
+    assert ckpt.config.prediction == "eps" and ckpt.prediction_source.startswith("guessed: eps")
+    assert main(["info", str(ref.checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert ("SD 2.x" if expected.clip_layout == "openclip" else "SD 1.x") in out
+    assert "prediction: eps (guessed" in out
+    assert main(["info", str(ref.checkpoint), "--prediction", "v"]) == 0
+    assert "prediction: v (given)" in capsys.readouterr().out
