@@ -6,8 +6,9 @@ Builds (once, cached in --cache) a random-weight SD 1.5 diffusers folder and its
 single file, then runs each configuration in a fresh process so peak memory is its own:
 
 - load: seconds from nothing to a ready pipeline (diffusers: `from_single_file`).
-- step: seconds per guided denoising step (batch 1, CFG on = a UNet batch of 2), the median
-  of the gaps between consecutive step callbacks after the first step (warm-up).
+- step: seconds per guided denoising step (batch 1, CFG on = a UNet batch of 2) with the Euler
+  sampler on both sides (one UNet call per step), the median of the gaps between consecutive
+  step callbacks (the first step, a warm-up, is not inside any gap).
 - decode: seconds for the VAE decode of the final latents.
 - peak RSS: the process's maximum resident memory over load + generation + decode.
 
@@ -51,13 +52,14 @@ def _peak_rss_gb() -> float:
 
 def run_diffusers(ckpt: Path, folder: Path, dtype: str, steps: int, size: int) -> dict:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(folder), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
     load = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # one UNet call per step
     stamps = []
 
     def on_step(p, i, t, kw):
@@ -84,7 +86,7 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int) -> dict:
     pipe = sdtorch.load(ckpt, dtype=dtype)
     load = time.perf_counter() - t0
     stamps = []
-    params = GenerationParams(PROMPT, steps=steps, sampler="plms", cfg_scale=7.5, seed=0, width=size, height=size)
+    params = GenerationParams(PROMPT, steps=steps, sampler="euler", cfg_scale=7.5, seed=0, width=size, height=size)
     latents = pipe.generate_latents(params, callback=lambda d: stamps.append(time.perf_counter()), progress=False)
     with torch.no_grad():
         t1 = time.perf_counter()
@@ -117,7 +119,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3, help="denoising steps per run (>= 3)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per run (>= 3)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "sdtorch-bench")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)

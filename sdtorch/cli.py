@@ -1,4 +1,4 @@
-"""Command line: `sdtorch generate`, `sdtorch info`.
+"""Command line: `sdtorch generate`, `sdtorch info`, `sdtorch dataset`.
 
 Bad input ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what a checkpoint is")
     info.add_argument("path")
     info.add_argument("--prediction", choices=["eps", "v"], default=None)
+
+    from .data import add_dataset_command
+
+    add_dataset_command(sub)
     return parser
 
 
@@ -98,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
-    except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError
+        from .data import cmd_dataset
+
+        return {"generate": cmd_generate, "info": cmd_info, "dataset": cmd_dataset}[args.command](args)
+    except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:  # CheckpointError is a ValueError
         msg = str(e).strip() or type(e).__name__
         print(f"sdtorch: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -68,8 +68,13 @@ class ClipEncoder(nn.Module):
 class ClipEmbeddings(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        token = torch.empty(cfg.vocab_size, cfg.width)
+        position = torch.empty(cfg.max_length, cfg.width)
+        if token.device.type != "meta":  # CLIP's init; on meta (about to load) initialising costs ~1 s
+            nn.init.normal_(token, std=0.02)
+            nn.init.normal_(position, std=0.01)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=token)
+        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width, _weight=position)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
         return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[1]]

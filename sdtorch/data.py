@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, features
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -45,10 +45,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def square_crop_resize(image: Image.Image, size: int, offset: float = 0.5) -> Image.Image:
     """The largest square of `image`, placed at `offset` (0: left/top, 0.5: centre, 1: right/bottom)
     along the longer side, resized to size x size in one resampling step. Same result as resizing
-    the shorter side to `size` and then cropping, without rounding an intermediate size."""
+    the shorter side to `size` and then cropping at a whole pixel, without rounding an
+    intermediate size (so an image whose shorter side is already `size` is cropped, not resampled)."""
     w, h = image.size
     side = min(w, h)
-    x, y = (w - side) * offset, (h - side) * offset
+    scale = side / size  # source pixels per output pixel
+    shift = round((max(w, h) - side) / scale * offset) * scale  # a whole number of output pixels
+    x, y = (shift, 0) if w > h else (0, shift)
     return image.resize((size, size), RESAMPLE, box=(x, y, x + side, y + side))
 
 
@@ -146,10 +149,10 @@ class ImageCaptionDataset(Dataset):
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
         g = item_generator(self.seed, epoch, index)
-        offset, flip = torch.rand(2, generator=g).tolist()  # both drawn always: options stay independent
-        image = square_crop_resize(self.load(index), self.size, 0.5 if self.center_crop else offset)
+        u_crop, u_flip = torch.rand(2, generator=g).tolist()  # both drawn always: options stay independent
+        image = square_crop_resize(self.load(index), self.size, 0.5 if self.center_crop else u_crop)
         x = to_tensor(image)
-        if self.flip and flip < 0.5:
+        if self.flip and u_flip < 0.5:
             x = x.flip(-1)
         return {"image": x, "text": self.items[index][1], "index": index}
 
@@ -175,6 +178,7 @@ EMOJI_FONT_PATHS = (
 )
 NOTO_BITMAP_SIZE = 109  # the font's only bitmap strike (136 x 128 px cells)
 EMOJI_MARGIN = 4  # px of white around the content, at the 109 strike
+UNKNOWN_FLAG = "\U0001F1FF\U0001F1FF"  # regional indicators Z Z: no such country
 
 
 def find_emoji_font(font: str | Path | None = None) -> Path:
@@ -188,7 +192,8 @@ def find_emoji_font(font: str | Path | None = None) -> Path:
 
 def _is_flag(sequence: str) -> bool:
     regional = all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in sequence)  # 🇯🇵: two regional indicators
-    return regional or sequence[0] == "\U0001F3F4" and len(sequence) > 1  # 🏴 + tags: England, ...
+    tags = len(sequence) > 1 and 0xE0020 <= ord(sequence[1]) <= 0xE007F  # 🏴 + tag letters: England, ...
+    return regional or tags
 
 
 def emoji_caption(sequence: str, name: str) -> str:
@@ -198,18 +203,18 @@ def emoji_caption(sequence: str, name: str) -> str:
 
 
 def emoji_items() -> list[tuple[str, str]]:
-    """(sequence, caption) of every fully-qualified emoji and component (skin tones, hair) that the
-    `emoji` package knows, sorted by code points, first of each caption only."""
+    """(sequence, caption) of every fully-qualified emoji the `emoji` package knows (skin-tone
+    variants, flags, keycaps and ZWJ sequences included; components such as a lone skin-tone
+    swatch and unqualified spellings left out), sorted by code points, first of each caption only."""
     try:
         import emoji
     except ImportError as e:
         raise ImportError("the emoji dataset needs the `emoji` package: pip install emoji") from e
-    wanted = (emoji.STATUS["component"], emoji.STATUS["fully_qualified"])
     items, seen = [], set()
     for sequence in sorted(emoji.EMOJI_DATA):
         data = emoji.EMOJI_DATA[sequence]
         caption = emoji_caption(sequence, data["en"])
-        if data["status"] in wanted and caption not in seen:
+        if data["status"] == emoji.STATUS["fully_qualified"] and caption not in seen:
             seen.add(caption)
             items.append((sequence, caption))
     return items
@@ -253,16 +258,22 @@ def build_emoji_dataset(out_dir: str | Path, size: int = 64, *, fluent: bool = F
             "one from PyPI renders them reliably")
     if size <= 0:
         raise ValueError(f"size must be a positive integer, got {size}")
-    face = ImageFont.truetype(str(find_emoji_font(font)), size=NOTO_BITMAP_SIZE)
     items = emoji_items()
+    face = ImageFont.truetype(str(find_emoji_font(font)), size=NOTO_BITMAP_SIZE)
+    if not features.check("raqm"):
+        log.warning("Pillow has no raqm text layout (install libfribidi0): flags, skin tones, keycaps and "
+                    "other multi-code-point emoji cannot be shaped and will be skipped")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Flags the font does not know come out as a white flag with a question mark, not blank.
+    unknown = render_emoji(face, UNKNOWN_FLAG, size)
+    unknown_flag = unknown.tobytes() if unknown is not None else None
     rows, skipped = [], 0
     for sequence, caption in tqdm(items, desc="emoji", unit="img", disable=None):
         if limit is not None and len(rows) >= limit:
             break
         image = render_emoji(face, sequence, size)
-        if image is None:
+        if image is None or image.tobytes() == unknown_flag:
             skipped += 1
             continue
         file_name = emoji_file_name(sequence)
@@ -288,6 +299,6 @@ def add_dataset_command(subparsers) -> None:
 
 def cmd_dataset(args: argparse.Namespace) -> int:
     out = build_emoji_dataset(args.out, args.size, limit=args.limit)
-    n = sum(1 for line in open(out / "metadata.jsonl", encoding="utf-8") if line.strip())
+    n = len((out / "metadata.jsonl").read_text(encoding="utf-8").splitlines())
     print(f"wrote {n} images to {out}")
     return 0

@@ -187,3 +187,8 @@ class AutoencoderKL(nn.Module):
         """z: unscaled latents (B, 4, h, w) -> image (B, 3, h*f, w*f) in about [-1, 1]."""
         dtype = self.quant_conv.weight.dtype
         return self.decoder(self.post_quant_conv(z.to(dtype))).float()
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Training pass: x (B, 3, H, W) -> (reconstruction, posterior), decoding mean + std * noise."""
+        posterior = self.encode(x)
+        return self.decode(posterior.mean + posterior.std * noise), posterior
