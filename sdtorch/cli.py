@@ -1,4 +1,4 @@
-"""Command line: `sdtorch generate`, `sdtorch info`, `sdtorch dataset`.
+"""Command line: `sdtorch generate`, `sdtorch info`, `sdtorch dataset`, `sdtorch train`.
 
 Bad input ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--prediction", choices=["eps", "v"], default=None)
 
     from .data import add_dataset_command
+    from .train_cli import add_train_command
 
     add_dataset_command(sub)
+    add_train_command(sub)
     return parser
 
 
@@ -103,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         from .data import cmd_dataset
+        from .train_cli import cmd_train
 
-        return {"generate": cmd_generate, "info": cmd_info, "dataset": cmd_dataset}[args.command](args)
+        commands = {"generate": cmd_generate, "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train}
+        return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:  # CheckpointError is a ValueError
         msg = str(e).strip() or type(e).__name__
         print(f"sdtorch: error: {msg}", file=sys.stderr)
