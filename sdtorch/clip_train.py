@@ -54,7 +54,8 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
         hidden = width * mlp_ratio
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width)))
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
         h = self.ln_1(x)

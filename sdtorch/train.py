@@ -10,7 +10,10 @@ Determinism by construction: the data is an endless stream of epochs, each a per
 by (seed, epoch); sample number p of the stream gets its own seed (seed, p) for everything
 random about it (crop, flip, noise, timestep, caption dropout). Nothing depends on global RNG
 state, on where a run was resumed, or on how many processes share a global batch, so a resumed
-run reproduces an uninterrupted one and N processes reproduce one (up to float summation order).
+run reproduces an uninterrupted one and N processes reproduce one (up to float summation order)
+for every loss that is a mean over samples. A contrastive loss is not: its negatives come from
+the local micro-batch, so there N processes or accumulation steps train on smaller batches.
+Logged numbers are means over processes and over a step's micro-batches (one row per logged step).
 """
 
 from __future__ import annotations
@@ -164,7 +167,6 @@ def train(job: Job, dataset, cfg: TrainConfig, *, progress: bool = True) -> dict
         raise ValueError(f"batch size {cfg.batch_size} must divide into {cfg.grad_accum} micro-batches x {world} processes")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # only module construction inside jobs may have used it; keep it fixed anyway
     params = [p for m in job.modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = {k: _frozen_copy(m) for k, m in job.modules.items()} if cfg.ema_decay else job.modules
@@ -202,7 +204,8 @@ def _accumulate(job, dataset, stream, step, cfg, models) -> tuple[float, dict]:
     total, logs = 0.0, {}
     for micro in range(cfg.grad_accum):
         batch, seeds = micro_batch(dataset, stream, step, micro, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        device = next(iter(models.values())).parameters().__next__().device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, parts = job.loss(batch | {"models": models}, seeds)
         (loss / cfg.grad_accum).backward()
         total += loss.item() / cfg.grad_accum

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
-from sdtorch.checkpoint import load_strict, read_state_dict
+from sdtorch.checkpoint import CheckpointError, load_strict, read_state_dict
 from sdtorch.clip import ClipTextModel
-from sdtorch.clip_train import ClipJob, ClipModel, ImageTowerConfig, contrastive_loss, load_clip_model, load_text_encoder
+from sdtorch.clip_train import (ClipJob, ClipModel, ImageTowerConfig, contrastive_loss, load_clip_model,
+                                 load_text_encoder)
 from sdtorch.config import TINY
 from sdtorch.data import ImageCaptionDataset
 from sdtorch.tokenizer import ClipTokenizer
@@ -99,12 +101,23 @@ def test_training_learns_to_match_captions(trained):
     with open(out / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25, 30]
+    # Each row is one step's batch of 8 (noisy): compare the first row with the mean of the last two.
     loss = [float(r["loss"]) for r in rows]
     acc = [float(r["acc"]) for r in rows]
-    assert loss[0] > 1.5 and loss[-1] < 0.6 * loss[0], loss
-    assert acc[-1] > acc[0] and acc[-1] >= 0.75, acc
-    assert (out / "samples" / "step_0000030.png").is_file()
+    assert loss[0] > 1.5 and (loss[-1] + loss[-2]) / 2 < 0.5 * loss[0], loss  # log(8) = 2.08 at chance
+    assert (acc[-1] + acc[-2]) / 2 >= max(acc[0] + 0.25, 0.5), acc
+    assert Image.open(out / "samples" / "step_0000030.png").size == (9 * 16, 8 * 16)
     assert (out / "last.pt").is_file()
+
+
+def test_trained_model_retrieves_captions(trained, shapes_dataset):
+    """Image -> caption retrieval over all 16 pairs with the EMA weights (chance: 1/16)."""
+    job, ema, _ = trained
+    batch = collate([shapes_dataset[i] for i in range(16)])
+    with torch.no_grad():
+        text_emb, image_emb, _ = ema["clip"](job.tokens(batch["text"]), batch["image"])
+    accuracy = ((image_emb @ text_emb.T).argmax(dim=1) == torch.arange(16)).float().mean().item()
+    assert accuracy >= 0.375, accuracy
 
 
 def test_export_round_trip_and_text_encoder_for_sd(trained, shapes_dataset, tmp_path):
@@ -126,3 +139,7 @@ def test_export_round_trip_and_text_encoder_for_sd(trained, shapes_dataset, tmp_
     with torch.no_grad():
         assert torch.equal(text(tokens), ema["clip"].text(tokens))
         assert torch.equal(load_text_encoder(path)(tokens), text(tokens))
+
+    save_file(sd, str(tmp_path / "bare.safetensors"))  # no configs
+    with pytest.raises(CheckpointError, match="not a ClipJob export"):
+        load_clip_model(tmp_path / "bare.safetensors")

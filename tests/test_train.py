@@ -122,9 +122,10 @@ def test_unet_job_trains_and_exports_a_loadable_model(shapes, tmp_path):
     cfg = replace(TINY, vae=replace(TINY.vae, scaling_factor=1.0), sample_size=32)
     job = UNetJob(cfg, vae, clip, preview_prompts=["a red circle"])
     ema = train(job, data, TrainConfig(out=str(tmp_path), steps=30, batch_size=8, lr=2e-3, warmup=3,
-                                       log_every=5, save_every=30, sample_every=30), progress=False)
-    losses = _losses(tmp_path)
-    assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
+                                       log_every=1, save_every=30, sample_every=30), progress=False)
+    losses = _losses(tmp_path)  # one row per step: random timesteps make single rows noisy
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert last < 0.75 * first, losses
     path = job.export(ema, tmp_path / "model.safetensors")
     pipe = sdtorch.load(path)
     assert pipe.config == cfg and pipe.prediction_source == "metadata"
