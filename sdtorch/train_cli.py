@@ -23,7 +23,8 @@ COMMON = {
 def add_train_command(sub) -> None:
     parser = sub.add_parser("train", help="train the autoencoder, the text encoder or the UNet")
     jobs = parser.add_subparsers(dest="job", required=True)
-    for name, help_ in (("vae", "the KL autoencoder"), ("unet", "the UNet on frozen VAE + text encoder")):
+    for name, help_ in (("vae", "the KL autoencoder"), ("clip", "the CLIP text encoder, contrastively"),
+                        ("unet", "the UNet on frozen VAE + text encoder")):
         p = jobs.add_parser(name, help=help_)
         p.add_argument("--data", required=True, help="image folder (metadata.jsonl or .txt captions)")
         p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, samples/)")
@@ -33,6 +34,11 @@ def add_train_command(sub) -> None:
         p.add_argument("--flip", action="store_true", help="random horizontal flips")
         for key, kind in COMMON.items():
             p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
+        if name == "clip":
+            p.add_argument("--patch-size", type=int, default=8, help="image tower ViT patch size")
+            p.add_argument("--tower-width", type=int, default=256)
+            p.add_argument("--tower-layers", type=int, default=6)
+            p.add_argument("--embed-dim", type=int, default=256, help="joint embedding size")
         if name == "unet":
             p.add_argument("--vae", required=True, help="trained VAE (.safetensors from `train vae`)")
             p.add_argument("--clip", required=True, help="trained text encoder (.safetensors)")
@@ -69,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         job = VAEJob(preset.vae, preview=preview)
         ema = train(job, data, cfg)
         path = job.export(ema, Path(args.out) / "vae.safetensors")
+    elif args.job == "clip":
+        path = _train_clip(args, preset, data, cfg)
     else:
         vae, clip = _load_parts(args, preset)
         scale = args.scaling_factor or measure_scaling_factor(vae, data)
@@ -78,6 +86,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         path = job.export(ema, Path(args.out) / "model.safetensors")
     print(path)
     return 0
+
+
+def _train_clip(args, preset: ModelConfig, data, cfg) -> Path:
+    from .clip_train import ClipJob, ImageTowerConfig
+    from .train import collate, train
+
+    tower = ImageTowerConfig(image_size=data.size, patch_size=args.patch_size, width=args.tower_width,
+                             layers=args.tower_layers, heads=max(1, args.tower_width // 64), embed_dim=args.embed_dim)
+    preview = collate([data[i] for i in range(min(16, len(data)))])
+    job = ClipJob(preset.clip, tower, preview=preview)
+    ema = train(job, data, cfg)
+    return job.export(ema, Path(args.out) / "clip.safetensors")
 
 
 def _load_parts(args, preset: ModelConfig):

@@ -131,3 +131,21 @@ def test_unet_job_trains_and_exports_a_loadable_model(shapes, tmp_path):
     assert pipe.config == cfg and pipe.prediction_source == "metadata"
     assert pipe.generate("a red circle", steps=2, seed=0, progress=False)[0].size == (32, 32)
     assert (tmp_path / "samples" / "step_0000030.png").exists()
+
+
+def test_the_three_jobs_chain_from_the_command_line(shapes, tmp_path):
+    """dataset -> train vae -> train clip -> train unet -> generate with the exported model."""
+    from sdtorch.cli import main
+
+    common = ["--data", str(shapes), "--size", "32", "--steps", "2", "--batch-size", "4", "--save-every", "2"]
+    assert main(["train", "vae", *common, "--out", str(tmp_path / "vae")]) == 0
+    assert main(["train", "clip", *common, "--out", str(tmp_path / "clip"), "--patch-size", "8",
+                 "--tower-width", "32", "--tower-layers", "1", "--embed-dim", "16"]) == 0
+    assert main(["train", "unet", *common, "--out", str(tmp_path / "unet"), "--vae", str(tmp_path / "vae" / "vae.safetensors"),
+                 "--clip", str(tmp_path / "clip" / "clip.safetensors"), "--prediction", "v"]) == 0
+    model = tmp_path / "unet" / "model.safetensors"
+    pipe = sdtorch.load(model)
+    assert pipe.config.prediction == "v" and pipe.config.vae.scaling_factor != TINY.vae.scaling_factor
+    assert main(["generate", "a red circle", "-c", str(model), "--steps", "2", "--width", "32", "--height", "32",
+                 "--out", str(tmp_path / "images")]) == 0
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1
