@@ -142,3 +142,43 @@ def read_key_list(path: str | Path) -> list[str]:
     """The `name<TAB>shape` lines of a tests/data/keys_*.txt file, '#' comment lines skipped."""
     lines = Path(path).read_text().splitlines()
     return [line for line in lines if line and not line.startswith("#")]
+
+
+# sdtorch sampler -> (diffusers scheduler class, options for from_config)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "plms": ("PNDMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler_a_karras": ("EulerAncestralDiscreteScheduler", {}),  # grid installed by reference_scheduler
+}
+SCHEDULERS.update({f"{k}_karras": (SCHEDULERS[k][0], {"use_karras_sigmas": True})
+                   for k in ("euler", "heun", "lms", "dpmpp_2m", "unipc")})
+
+
+def reference_scheduler(sampler: str, config: dict):
+    """The diffusers scheduler matching sdtorch sampler `sampler`, built `from_config(config)`.
+
+    EulerAncestralDiscreteScheduler has no Karras option: for "euler_a_karras" its
+    `set_timesteps` also installs the grid EulerDiscreteScheduler(use_karras_sigmas=True) builds.
+    """
+    import diffusers
+
+    cls_name, options = SCHEDULERS[sampler]
+    scheduler = getattr(diffusers, cls_name).from_config(config, **options)
+    if sampler == "euler_a_karras":
+        karras = diffusers.EulerDiscreteScheduler.from_config(config, use_karras_sigmas=True)
+        set_timesteps = scheduler.set_timesteps
+
+        def set_karras(n, device=None, **kw):
+            set_timesteps(n, device=device, **kw)
+            karras.set_timesteps(n, device=device)
+            scheduler.sigmas, scheduler.timesteps = karras.sigmas, karras.timesteps
+
+        scheduler.set_timesteps = set_karras
+    return scheduler

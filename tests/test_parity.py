@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from reference_models import SCHEDULERS, reference_scheduler
 
 import sdtorch
 from sdtorch.pipeline import GenerationParams
@@ -104,44 +105,6 @@ def test_vae_encode_decode(pair, parity_log):
     assert parity_log("vae decode rel_err", rel_err(ours.vae.decode(zb), theirs.vae.decode(zb).sample)) <= 1e-4
 
 
-# sdtorch sampler -> (diffusers scheduler class name, options)
-SCHEDULERS = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "plms": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-SCHEDULERS.update(
-    {f"{k}_karras": (SCHEDULERS[k][0], {"use_karras_sigmas": True})
-     for k in ("euler", "euler_a", "heun", "lms", "dpmpp_2m", "unipc")}
-)
-
-
-def _reference_scheduler(sampler: str, config):
-    import diffusers
-
-    cls, options = SCHEDULERS[sampler]
-    scheduler = getattr(diffusers, cls).from_config(config, **options)
-    if sampler == "euler_a_karras":
-        # EulerAncestralDiscreteScheduler has no Karras option: after set_timesteps, give it the
-        # grid EulerDiscreteScheduler(use_karras_sigmas=True) builds for the same config.
-        karras = diffusers.EulerDiscreteScheduler.from_config(config, use_karras_sigmas=True)
-        set_timesteps = scheduler.set_timesteps
-
-        def set_karras(n, device=None, **kw):
-            set_timesteps(n, device=device, **kw)
-            karras.set_timesteps(n, device=device)
-            scheduler.sigmas, scheduler.timesteps = karras.sigmas, karras.timesteps
-
-        scheduler.set_timesteps = set_karras
-    return scheduler
-
-
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 @torch.no_grad()
 def test_txt2img(pair, sampler, parity_log):
@@ -149,7 +112,7 @@ def test_txt2img(pair, sampler, parity_log):
     # Full-size architectures take 4 steps (enough for every multistep order to be used) to keep
     # the CI run short; the tiny ones take 6.
     steps = 6 if ours.config.unet.model_channels < 320 else 4
-    theirs.scheduler = _reference_scheduler(sampler, theirs.scheduler.config)
+    theirs.scheduler = reference_scheduler(sampler, theirs.scheduler.config)
     eta = 0.5 if sampler == "ddim" else 0.0  # exercise DDIM's per-step noise too
     params = GenerationParams(
         "a red apple on a table", "blurry", steps=steps, sampler=sampler, cfg_scale=7.5, seed=1234,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from reference_models import reference_scheduler  # noqa: E402
 
 from sdtorch import schedule  # noqa: E402
 from sdtorch.config import ScheduleConfig  # noqa: E402
@@ -35,24 +36,6 @@ SD_CONFIG = {
     "prediction_type": "epsilon",
 }
 
-# sampler -> (diffusers scheduler class, options for from_config)
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "plms": ("PNDMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    "euler_a_karras": ("EulerAncestralDiscreteScheduler", {}),  # grid patched in, see _scheduler
-    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
-    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
-}
 CASES = [(name, 0.0) for name in SAMPLERS if name != "ddim"] + [("ddim", 0.0), ("ddim", 1.0)]
 MEASURED: dict[tuple, float] = {}
 
@@ -74,21 +57,11 @@ class ToyUNet:
         return torch.tanh(h) + 0.1 * x
 
 
-def _scheduler(name: str, prediction: str = "eps", spacing: str = "leading"):
-    cls_name, options = SCHEDULERS[name]
-    prediction_type = "v_prediction" if prediction == "v" else "epsilon"
-    config = dict(SD_CONFIG, prediction_type=prediction_type, timestep_spacing=spacing)
-    return getattr(diffusers, cls_name).from_config(config, **options)
-
-
 def _make(name: str, steps: int, prediction: str = "eps", spacing: str = "leading"):
     """The diffusers scheduler for sampler `name`, after `set_timesteps(steps)`."""
-    scheduler = _scheduler(name, prediction, spacing)
+    prediction_type = "v_prediction" if prediction == "v" else "epsilon"
+    scheduler = reference_scheduler(name, dict(SD_CONFIG, prediction_type=prediction_type, timestep_spacing=spacing))
     scheduler.set_timesteps(steps)
-    if name == "euler_a_karras":  # EulerAncestral has no Karras option: give it EulerDiscrete's grid
-        karras = _scheduler("euler_karras", prediction, spacing)
-        karras.set_timesteps(steps)
-        scheduler.sigmas, scheduler.timesteps = karras.sigmas, karras.timesteps
     return scheduler
 
 
