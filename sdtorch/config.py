@@ -149,4 +149,23 @@ TINY = ModelConfig(
     sample_size=64,
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_BASE, TINY)}
+# The built-in model's architecture: 64x64 images, 16x16x4 latents (f = 4), a 4-layer CLIP text
+# tower of width 128 with the real tokenizer. 25.9 M parameters: 51.8 MB in fp16; a guided batch of
+# 4 in 20 steps takes about 2.2 s on a 2-core CPU.
+EMOJI = ModelConfig(
+    name="emoji",
+    clip=ClipConfig(width=128, layers=4, heads=2),
+    unet=UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2, 3),
+        num_res_blocks=2,
+        attention_resolutions=(2, 4),
+        num_heads=-1,
+        num_head_channels=32,
+        context_dim=128,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=16),
+    sample_size=64,
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_BASE, TINY, EMOJI)}

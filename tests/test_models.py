@@ -105,3 +105,14 @@ def test_strict_load_round_trip_and_dtype():
     checkpoint.load_strict(target, vae.state_dict(), "VAE", torch.bfloat16)
     for (k, a), b in zip(vae.state_dict().items(), target.state_dict().values()):
         assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), k
+
+
+def test_emoji_preset_fits_the_builtin_budget():
+    """The built-in model ships in fp16 in at most 60 MB."""
+    from sdtorch.config import EMOJI
+
+    with torch.device("meta"):
+        parts = UNetModel(EMOJI.unet), AutoencoderKL(EMOJI.vae), ClipTextModel(EMOJI.clip)
+    n = sum(p.numel() for m in parts for p in m.parameters())
+    assert 2 * n <= 60e6, f"{2 * n / 1e6:.1f} MB"
+    assert parts[1].downscale == 4 and EMOJI.sample_size // 4 == 16
