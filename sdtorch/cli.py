@@ -1,4 +1,4 @@
-"""Command line: `sdtorch generate`, `sdtorch info`, `sdtorch dataset`, `sdtorch train`.
+"""Command line: `sdtorch generate | img2img | inpaint | info | dataset | train`.
 
 Bad input ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -23,6 +23,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", required=True, help=".safetensors / .ckpt file or diffusers folder")
+    p.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpmpp_2m_karras", help=f"one of: {', '.join(samplers.SAMPLERS)}")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 turns guidance off")
+    p.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: detected/guessed")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--out", default="outputs", help="output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion in plain PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and detected")
@@ -30,20 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("prompt")
-    gen.add_argument("--checkpoint", "-c", required=True, help=".safetensors / .ckpt file or diffusers folder")
-    gen.add_argument("--negative", default="", help="negative prompt (default: empty)")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--sampler", default="dpmpp_2m_karras", help=f"one of: {', '.join(samplers.SAMPLERS)}")
-    gen.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 turns guidance off")
-    gen.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
+    _common(gen)
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--batch", type=_positive_int, default=1)
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    gen.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate")
-    gen.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: detected/guessed")
-    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    gen.add_argument("--out", default="outputs", help="output folder")
+
+    i2i = sub.add_parser("img2img", help="image + text to image")
+    i2i.add_argument("image")
+    i2i.add_argument("prompt")
+    i2i.add_argument("--strength", type=float, default=0.75, help="0 = keep the image, 1 = ignore it")
+    _common(i2i)
+
+    inp = sub.add_parser("inpaint", help="repaint the white part of a mask, or extend the canvas")
+    inp.add_argument("image")
+    inp.add_argument("prompt")
+    inp.add_argument("--mask", help="white = repaint; same size as the image")
+    inp.add_argument("--extend", metavar="L,R,T,B", help="outpaint: pixels to add left,right,top,bottom")
+    inp.add_argument("--strength", type=float, default=1.0)
+    _common(inp)
 
     info = sub.add_parser("info", help="what a checkpoint is")
     info.add_argument("path")
@@ -58,26 +76,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import GenerationParams, load, save_png, validate
+    from .pipeline import GenerationParams, load, validate
 
+    size = (getattr(args, "width", None), getattr(args, "height", None))
     # Check the arguments before spending seconds on loading the model.
     validate(GenerationParams(args.prompt, args.negative, args.steps, args.sampler, args.cfg, 0,
-                              args.width, args.height, args.batch, args.eta, args.clip_skip))
+                              *size, args.batch, args.eta, args.clip_skip))
+    if args.command != "generate" and not 0 <= args.strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {args.strength}")
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype)
-    seed = random.randrange(2**32) if args.seed is None else args.seed
     print(f"model: {args.checkpoint} (prediction {pipe.config.prediction}: {pipe.prediction_source})", file=sys.stderr)
-    images = pipe.generate(
-        args.prompt, args.negative, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg,
-        seed=seed, width=args.width, height=args.height, batch_size=args.batch,
-        eta=args.eta, clip_skip=args.clip_skip,
-    )
-    out = Path(args.out)
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    options = dict(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=seed,
+                   batch_size=args.batch, eta=args.eta, clip_skip=args.clip_skip)
+    if args.command == "generate":
+        images = pipe.generate(args.prompt, args.negative, width=size[0], height=size[1], **options)
+    elif args.command == "img2img":
+        images = pipe.img2img(args.image, args.prompt, args.negative, strength=args.strength, **options)
+    else:
+        images = _inpaint(pipe, args, options)
+    _save_all(images, Path(args.out), seed)
+    return 0
+
+
+def _inpaint(pipe, args, options):
+    if bool(args.mask) == bool(args.extend):
+        raise ValueError("inpaint needs exactly one of --mask (inpainting) or --extend (outpainting)")
+    if args.mask:
+        return pipe.inpaint(args.image, args.mask, args.prompt, args.negative, strength=args.strength, **options)
+    try:
+        left, right, top, bottom = (int(v) for v in args.extend.split(","))
+    except ValueError:
+        raise ValueError(f"--extend takes four integers L,R,T,B, got {args.extend!r}") from None
+    return pipe.outpaint(args.image, args.prompt, args.negative, left=left, right=right, top=top,
+                         bottom=bottom, strength=args.strength, **options)
+
+
+def _save_all(images, out: Path, seed: int) -> None:
+    from .pipeline import save_png
+
     out.mkdir(parents=True, exist_ok=True)
     start = len(list(out.glob("*.png")))
     for i, image in enumerate(images):
-        path = save_png(image, out / f"{start + i:05d}-{seed}.png")
-        print(path)
-    return 0
+        print(save_png(image, out / f"{start + i:05d}-{seed}.png"))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -107,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         from .data import cmd_dataset
         from .train_cli import cmd_train
 
-        commands = {"generate": cmd_generate, "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train}
+        commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate,
+                    "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train}
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:  # CheckpointError is a ValueError
         msg = str(e).strip() or type(e).__name__

@@ -74,3 +74,30 @@ class CFGDenoiser(nn.Module):
             torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond])
         ).chunk(2)
         return x0_uncond + self.scale * (x0_cond - x0_uncond)
+
+
+class InpaintUNet:
+    """A 9-channel inpainting UNet seen as an ordinary one: after the denoiser's input scaling,
+    the latent-size mask (B, 1, h, w) and the masked image's latents (B, 4, h, w) are appended
+    as channels 5-9, unscaled, as the UNet was trained ("concat" conditioning)."""
+
+    def __init__(self, unet: UNetFn, mask: torch.Tensor, masked_latents: torch.Tensor):
+        self.unet = unet
+        self.extra = torch.cat([mask, masked_latents], dim=1)  # (B, 5, h, w)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)  # guidance doubles the batch
+        return self.unet(torch.cat([x, extra.to(x)], dim=1), t, context)
+
+
+class MaskBlend(nn.Module):
+    """Inpainting with an ordinary checkpoint: where mask == 0 the denoised estimate is the known
+    image's latents, so every step pulls the known region to it and the sampler repaints only
+    where mask == 1. mask: (B or 1, 1, h, w) in [0, 1]; known: (B or 1, C, h, w)."""
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], known: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        self.denoiser, self.known, self.mask = denoiser, known, mask
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+        return self.mask * self.denoiser(x, sigma, **extra) + (1 - self.mask) * self.known

@@ -16,13 +16,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import checkpoint, samplers
 from .clip import ClipTextModel
 from .config import ModelConfig, Prediction
-from .denoisers import CFGDenoiser, DiscreteDenoiser
+from .denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
+from .images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
 from .tokenizer import ClipTokenizer
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -76,32 +78,89 @@ class Pipeline:
         tokens = self.tokenizer(prompts, pad_id=self.config.clip.pad_token_id).to(self.device)
         return self.clip(tokens, clip_skip).float()
 
-    def denoiser(self, cfg_scale: float, quantize: bool = False) -> CFGDenoiser:
-        """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32."""
+    def denoiser(self, cfg_scale: float, quantize: bool = False, unet_wrap: Callable | None = None) -> CFGDenoiser:
+        """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32.
+        unet_wrap(unet) -> unet adds image conditioning (9-channel inpainting UNets)."""
         def unet(x, t, context):
             return self.unet(x, t, context).float()
 
-        inner = DiscreteDenoiser(unet, self.config.schedule, self.config.prediction, quantize=quantize)
+        fn = unet_wrap(unet) if unet_wrap else unet
+        inner = DiscreteDenoiser(fn, self.config.schedule, self.config.prediction, quantize=quantize)
         return CFGDenoiser(inner, cfg_scale)
+
+    def _sample(self, params: GenerationParams, generator: torch.Generator, noise: torch.Tensor,
+                callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
+                start: int = 0, unet_wrap: Callable | None = None, blend: tuple | None = None) -> torch.Tensor:
+        cond = self.encode_prompt([params.prompt] * params.batch_size, params.clip_skip)
+        uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
+
+        def make_model(quantize: bool):
+            model = self.denoiser(params.cfg_scale, quantize, unet_wrap)
+            return MaskBlend(model, *blend) if blend else model
+
+        return samplers.sample(
+            params.sampler, make_model, noise.to(self.device), params.steps, self.config.schedule,
+            extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator,
+            eta=params.eta, disable=not progress, prediction=self.config.prediction, init=init, start=start,
+        )
+
+    def _latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
+        f = self.vae.downscale
+        return (params.batch_size, self.config.unet.out_channels, params.height // f, params.width // f)
 
     @torch.no_grad()
     def generate_latents(self, params: GenerationParams, callback: Callable | None = None,
                          progress: bool = True) -> torch.Tensor:
         """Run the sampler; returns the final latents (B, 4, H/f, W/f), unscaled for decoding."""
         validate(params, self.vae.downscale)
-        prompts = [params.prompt] * params.batch_size
-        cond = self.encode_prompt(prompts, params.clip_skip)
-        uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
-        f = self.vae.downscale
-        shape = (params.batch_size, self.config.unet.out_channels, params.height // f, params.width // f)
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        return samplers.sample(
-            params.sampler, lambda quantize: self.denoiser(params.cfg_scale, quantize),
-            noise.to(self.device), params.steps, self.config.schedule,
-            extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator,
-            eta=params.eta, disable=not progress, prediction=self.config.prediction,
-        )
+        noise = torch.randn(self._latent_shape(params), generator=generator, dtype=torch.float32)
+        return self._sample(params, generator, noise, callback, progress)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> scaled latents (batch_size, 4, h, w): one posterior sample,
+        repeated for the batch (as the reference does)."""
+        z = self.vae.encode(image.to(self.device)).sample(generator) * self.config.vae.scaling_factor
+        return z.repeat(batch_size, 1, 1, 1)
+
+    @torch.no_grad()
+    def img2img_latents(self, image: torch.Tensor, params: GenerationParams, strength: float,
+                        callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+        """img2img (SDEdit, Meng et al. 2022): the image's latents noised to the grid point that
+        `strength` selects, then denoised by the same sampler. image: (1, 3, H, W) in [-1, 1]."""
+        validate(params, self.vae.downscale)
+        start = img2img_start(params.steps, strength)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        init = self.encode_image(image, generator, params.batch_size)  # draws from the generator first
+        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32)
+        return self._sample(params, generator, noise, callback, progress, init=init, start=start)
+
+    @torch.no_grad()
+    def inpaint_latents(self, image: torch.Tensor, mask: torch.Tensor, params: GenerationParams,
+                        strength: float = 1.0, callback: Callable | None = None,
+                        progress: bool = True) -> torch.Tensor:
+        """Repaint where mask == 1. image: (1, 3, H, W) in [-1, 1]; mask: (1, 1, H, W) in {0, 1}.
+        9-channel inpainting UNets get the mask and the masked image as extra input channels (in
+        the reference's order of random draws); ordinary UNets keep the known region by blending."""
+        validate(params, self.vae.downscale)
+        start = img2img_start(params.steps, strength)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        small = F.interpolate(mask, size=self._latent_shape(params)[-2:]).to(self.device)  # nearest
+        if self.config.unet.in_channels == 9:
+            init = self.encode_image(image, generator, params.batch_size) if strength < 1 else None
+            noise = torch.randn(self._latent_shape(params), generator=generator, dtype=torch.float32)
+            masked = self.encode_image(image * (mask < 0.5), generator, params.batch_size)
+
+            def wrap(unet):
+                return InpaintUNet(unet, small.repeat(params.batch_size, 1, 1, 1), masked)
+
+            return self._sample(params, generator, noise, callback, progress, init=init, start=start, unet_wrap=wrap)
+        known = self.encode_image(image, generator, params.batch_size)
+        noise = torch.randn(known.shape, generator=generator, dtype=torch.float32)
+        init = known if strength < 1 else None
+        x = self._sample(params, generator, noise, callback, progress, init=init, start=start, blend=(known, small))
+        return small * x + (1 - small) * known  # exact outside the mask (in latent space)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -125,7 +184,48 @@ class Pipeline:
             random.randrange(2**32) if seed is None else seed,
             width or size, height or size, batch_size, eta, clip_skip,
         )
-        latents = self.generate_latents(params, callback, progress)
+        return self._images(params, self.generate_latents(params, callback, progress))
+
+    def img2img(self, image: ImageLike, prompt: str, negative_prompt: str = "", *, strength: float = 0.75,
+                callback: Callable | None = None, progress: bool = True, **options) -> list[Image.Image]:
+        """Transform `image` (PIL, path, or (1, 3, H, W) in [-1, 1]) guided by the prompt. strength
+        in [0, 1]: 0 returns the image (through the VAE), 1 ignores it. `options` as `generate`."""
+        pixels = self._pixels(image, options)
+        params = self._params(prompt, negative_prompt, pixels, {"Denoising strength": strength}, options)
+        return self._images(params, self.img2img_latents(pixels, params, strength, callback, progress))
+
+    def inpaint(self, image: ImageLike, mask: ImageLike, prompt: str, negative_prompt: str = "", *,
+                strength: float = 1.0, callback: Callable | None = None, progress: bool = True,
+                **options) -> list[Image.Image]:
+        """Repaint the white part of `mask` (same size as the image). `options` as `generate`."""
+        pixels = self._pixels(image, options)
+        m = mask_tensor(mask, pixels.shape[-1], pixels.shape[-2])
+        params = self._params(prompt, negative_prompt, pixels, {"Denoising strength": strength}, options)
+        return self._images(params, self.inpaint_latents(pixels, m, params, strength, callback, progress))
+
+    def outpaint(self, image: ImageLike, prompt: str, negative_prompt: str = "", *, left: int = 0,
+                 right: int = 0, top: int = 0, bottom: int = 0, **options) -> list[Image.Image]:
+        """Extend the canvas by the given margins (pixels) and paint the new area."""
+        canvas, mask = extend_canvas(image, left=left, right=right, top=top, bottom=bottom)
+        return self.inpaint(canvas, mask, prompt, negative_prompt, **options)
+
+    def _pixels(self, image: ImageLike, options: dict) -> torch.Tensor:
+        """The input picture at the requested size, or its own size rounded down to a multiple of 8."""
+        if isinstance(image, torch.Tensor):
+            return image_tensor(image)
+        w, h = open_image(image).size
+        return image_tensor(image, options.pop("width", None) or w - w % 8, options.pop("height", None) or h - h % 8)
+
+    def _params(self, prompt: str, negative: str, pixels: torch.Tensor, extra: dict, options: dict) -> GenerationParams:
+        unknown = set(options) - {"steps", "sampler", "cfg_scale", "seed", "batch_size", "eta", "clip_skip"}
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        seed = options.pop("seed", None)
+        seed = random.randrange(2**32) if seed is None else seed
+        return GenerationParams(prompt, negative, width=pixels.shape[-1], height=pixels.shape[-2],
+                                seed=seed, extra=extra, **options)
+
+    def _images(self, params: GenerationParams, latents: torch.Tensor) -> list[Image.Image]:
         text = self.infotext(params)
         images = to_pil(self.decode(latents))
         for image in images:
@@ -160,6 +260,7 @@ class Pipeline:
             fields["Clip skip"] = p.clip_skip
         if p.eta:
             fields["Eta"] = p.eta
+        fields.update(p.extra)
         line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != "")
         neg = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
         return f"{p.prompt}{neg}\n{line}"

@@ -313,18 +313,28 @@ def display_name(name: str) -> str:
 def sample(name: str, make_model: Callable[[bool], Model], noise: torch.Tensor, steps: int,
            schedule: ScheduleConfig, *, extra_args: dict | None = None, callback: Callable | None = None,
            generator: torch.Generator | None = None, eta: float = 0.0, disable: bool | None = None,
-           prediction: str = "eps") -> torch.Tensor:
+           prediction: str = "eps", init: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """Run sampler `name` for `steps` steps from unit `noise` (B, C, h, w); return latents in the
     reference's VP space, equal to diffusers' final latents. `make_model(quantize)` builds the
     denoiser `model(x, sigma, **extra_args) -> x0`; see the module docstring. `prediction` is
-    the model's ("eps" / "v"): only PLMS needs it, to mix outputs as the reference does."""
+    the model's ("eps" / "v"): only PLMS needs it, to mix outputs as the reference does.
+
+    img2img: with clean latents `init`, the walk starts at grid index `start` from
+    x = init + sigmas[start] * noise (diffusers' `add_noise` in VE space) and takes
+    steps - start steps; with start == steps nothing is sampled and `init` comes back."""
     sampler = get_sampler(name)
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if eta and not sampler.eta:
         raise ValueError(f"sampler {name!r} takes no eta (got eta={eta}); only 'ddim' does")
     sigmas = sampling_sigmas(name, steps, schedule)  # stays on the CPU: no device syncs per step
-    x = noise * init_noise_sigma(name, sigmas, schedule)
+    if init is None:
+        x = noise * init_noise_sigma(name, sigmas, schedule)
+    elif start >= steps:
+        return init
+    else:
+        sigmas = sigmas[start:]
+        x = init + noise * sigmas[0].item()
     kwargs = {"eta": eta} if sampler.eta else {}
     if sampler.fn is sample_plms:
         kwargs["combine"] = prediction  # the reference mixes raw model outputs

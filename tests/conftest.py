@@ -47,6 +47,12 @@ def tiny_v_reference(tmp_path_factory) -> Reference:
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint_reference(tmp_path_factory) -> Reference:
+    """TINY with a 9-channel UNet (latents, mask, masked-image latents), like SD inpainting models."""
+    yield from _reference(tmp_path_factory, replace(TINY, name="tiny-inpaint", unet=replace(TINY.unet, in_channels=9)))
+
+
+@pytest.fixture(scope="session")
 def sd15_reference(tmp_path_factory) -> Reference:
     """SD 1.5 architecture, random weights (slow: ~4 GB per copy)."""
     yield from _reference(tmp_path_factory, SD15)
@@ -77,7 +83,9 @@ _PARITY: dict[str, float] = {}
 def parity_log(request):
     """record(quantity, value): keep the worst value of each measured parity quantity, printed
     in the terminal summary (e.g. 'sd15 unet rel_err')."""
-    preset = request.node.callspec.id.split("-")[0] if hasattr(request.node, "callspec") else ""
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    preset = {"tiny_reference": "tiny", "tiny_v_reference": "tinyv", "sd15_reference": "sd15",
+              "sd21_reference": "sd21"}.get(params.get("pair"), "")
 
     def record(quantity: str, value: float, worst=max) -> float:
         key = f"{preset} {quantity}".strip()

@@ -71,7 +71,10 @@ def build_reference_folder(preset: ModelConfig, folder: str | Path, seed: int = 
     PNDMScheduler.from_config(cfgs["scheduler"]).save_pretrained(folder / "scheduler")
     pad_token = "!" if preset.clip.pad_token_id == 0 else "<|endoftext|>"
     write_hf_tokenizer(folder / "tokenizer", pad_token=pad_token)
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    import diffusers
+
+    index = MODEL_INDEX | {"_diffusers_version": diffusers.__version__}  # the inpainting loader reads it
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
@@ -170,6 +173,8 @@ def reference_scheduler(sampler: str, config: dict):
     import diffusers
 
     cls_name, options = SCHEDULERS[sampler]
+    # A config read off a previously swapped-in scheduler carries that one's options: drop them.
+    config = {k: v for k, v in dict(config).items() if k != "use_karras_sigmas"}
     scheduler = getattr(diffusers, cls_name).from_config(config, **options)
     if sampler == "euler_a_karras":
         karras = diffusers.EulerDiscreteScheduler.from_config(config, use_karras_sigmas=True)

@@ -105,3 +105,30 @@ def test_guidance_off_runs_a_single_pass(tiny_file):
     pipe.generate("x", steps=2, cfg_scale=3.0, seed=0, width=32, height=32, progress=False)
     hook.remove()
     assert calls == [1, 1, 2, 2]
+
+
+def test_img2img_and_inpaint_commands(tiny_file, tmp_path, capsys):
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(image).ellipse((8, 8, 24, 24), fill=(200, 20, 20))
+    image.save(tmp_path / "in.png")
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 15, 31), fill=255)
+    mask.save(tmp_path / "mask.png")
+    base = ["-c", str(tiny_file), "--steps", "3", "--seed", "5", "--out", str(tmp_path / "out")]
+    assert main(["img2img", str(tmp_path / "in.png"), "a red ball", "--strength", "0.5", *base]) == 0
+    assert main(["inpaint", str(tmp_path / "in.png"), "a red ball", "--mask", str(tmp_path / "mask.png"), *base]) == 0
+    assert main(["inpaint", str(tmp_path / "in.png"), "a red ball", "--extend", "8,8,0,0", *base]) == 0
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [Image.open(f).size for f in files] == [(32, 32), (32, 32), (48, 32)]
+    assert "Denoising strength: 0.5" in Image.open(files[0]).text["parameters"]
+    capsys.readouterr()
+    assert main(["img2img", str(tmp_path / "in.png"), "x", "--strength", "2", *base]) == 2
+    assert "strength must be in [0, 1], got 2.0" in capsys.readouterr().err
+    assert main(["inpaint", str(tmp_path / "in.png"), "x", *base]) == 2
+    assert "exactly one of --mask" in capsys.readouterr().err
+    small = Image.new("L", (16, 16), 255)
+    small.save(tmp_path / "small.png")
+    assert main(["inpaint", str(tmp_path / "in.png"), "x", "--mask", str(tmp_path / "small.png"), *base]) == 0
+    # a differently sized mask is resized to the image, as diffusers does
