@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(gen)
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--process", metavar="FILE", help="also save the predicted clean image of every step: "
+                     "a .gif animation or a .png strip")
+
+    att = sub.add_parser("attention", help="generate and save per-token cross-attention maps")
+    att.add_argument("prompt")
+    _common(att)
+    att.add_argument("--width", type=int, default=None)
+    att.add_argument("--height", type=int, default=None)
 
     i2i = sub.add_parser("img2img", help="image + text to image")
     i2i.add_argument("image")
@@ -76,21 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .pictures import attention_grid, save_process
     from .pipeline import GenerationParams, load, validate
 
     size = (getattr(args, "width", None), getattr(args, "height", None))
     # Check the arguments before spending seconds on loading the model.
     validate(GenerationParams(args.prompt, args.negative, args.steps, args.sampler, args.cfg, 0,
                               *size, args.batch, args.eta, args.clip_skip))
-    if args.command != "generate" and not 0 <= args.strength <= 1:
+    if hasattr(args, "strength") and not 0 <= args.strength <= 1:
         raise ValueError(f"strength must be in [0, 1], got {args.strength}")
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype)
     print(f"model: {args.checkpoint} (prediction {pipe.config.prediction}: {pipe.prediction_source})", file=sys.stderr)
     seed = random.randrange(2**32) if args.seed is None else args.seed
     options = dict(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=seed,
                    batch_size=args.batch, eta=args.eta, clip_skip=args.clip_skip)
-    if args.command == "generate":
+    if args.command == "generate" and args.process:
+        images, frames, sigmas = pipe.process(args.prompt, args.negative, width=size[0], height=size[1], **options)
+        print(save_process(frames, sigmas, args.process))
+    elif args.command == "generate":
         images = pipe.generate(args.prompt, args.negative, width=size[0], height=size[1], **options)
+    elif args.command == "attention":
+        images, maps, labels = pipe.attention(args.prompt, args.negative, width=size[0], height=size[1], **options)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            path = out / f"attention-{seed}-{i}.png"
+            attention_grid(image, maps[i], labels).save(path)
+            print(path)
     elif args.command == "img2img":
         images = pipe.img2img(args.image, args.prompt, args.negative, strength=args.strength, **options)
     else:
@@ -148,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data import cmd_dataset
         from .train_cli import cmd_train
 
-        commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate,
+        commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "attention": cmd_generate,
                     "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train}
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:  # CheckpointError is a ValueError

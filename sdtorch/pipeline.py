@@ -209,6 +209,37 @@ class Pipeline:
         canvas, mask = extend_canvas(image, left=left, right=right, top=top, bottom=bottom)
         return self.inpaint(canvas, mask, prompt, negative_prompt, **options)
 
+    def attention(self, prompt: str, negative_prompt: str = "", **options):
+        """Generate (options as `generate`) while recording cross-attention. Returns (images,
+        maps (B, T, h, w) for the prompt's T tokens without start/end, token labels). Over all
+        77 token positions a pixel's attention sums to 1; these T maps hold part of that mass."""
+        from .editing import AttentionStore, hooked
+
+        store = AttentionStore(batch=options.get("batch_size", 1))
+        with hooked(self.unet, store):
+            images = self.generate(prompt, negative_prompt, **options)
+        f = self.vae.downscale
+        maps = store.maps((images[0].height // f, images[0].width // f))
+        ids = self.tokenizer.encode(prompt)[: self.config.clip.max_length - 2]
+        labels = [self.tokenizer.decode([i]).strip() or "?" for i in ids]
+        return images, maps[:, 1 : 1 + len(ids)], labels
+
+    def process(self, prompt: str, negative_prompt: str = "", **options):
+        """Generate (options as `generate`) and decode the predicted clean image of every step.
+        Returns (images, frames of the first image, their noise levels sigma)."""
+        latents, sigmas = [], []
+
+        def record(d: dict) -> None:
+            latents.append(d["denoised"][:1].clone())
+            sigmas.append(float(d["sigma"]))
+            if callback:
+                callback(d)
+
+        callback = options.pop("callback", None)
+        images = self.generate(prompt, negative_prompt, callback=record, **options)
+        frames = [to_pil(self.decode(z))[0] for z in latents]
+        return images, frames, sigmas
+
     def _pixels(self, image: ImageLike, options: dict) -> torch.Tensor:
         """The input picture at the requested size, or its own size rounded down to a multiple of 8."""
         if isinstance(image, torch.Tensor):

@@ -68,6 +68,10 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        # Editing and visualisation (sdtorch.editing) set this to observe or change attention:
+        # hook(module, q, k, v) -> (B, heads, N, d). None: plain scaled-dot-product attention.
+        self.hook = None
+        self.is_cross = context_dim is not None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context  # x: (B, N, C), ctx: (B, L, C')
@@ -75,7 +79,7 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
         k = self.to_k(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v) if self.hook is None else self.hook(self, q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

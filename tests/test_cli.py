@@ -132,3 +132,14 @@ def test_img2img_and_inpaint_commands(tiny_file, tmp_path, capsys):
     small.save(tmp_path / "small.png")
     assert main(["inpaint", str(tmp_path / "in.png"), "x", "--mask", str(tmp_path / "small.png"), *base]) == 0
     # a differently sized mask is resized to the image, as diffusers does
+
+
+def test_attention_and_process_commands(tiny_file, tmp_path):
+    base = ["-c", str(tiny_file), "--steps", "3", "--seed", "2", "--width", "32", "--height", "32"]
+    assert main(["attention", "a red ball", *base, "--out", str(tmp_path / "att")]) == 0
+    grid = Image.open(tmp_path / "att" / "attention-2-0.png")
+    assert grid.size == (32 * 4, 32 + 14)  # the image + "a", "red", "ball"
+    assert main(["generate", "a red ball", *base, "--out", str(tmp_path / "gen"),
+                 "--process", str(tmp_path / "process.gif")]) == 0
+    gif = Image.open(tmp_path / "process.gif")
+    assert gif.n_frames == 3

@@ -139,3 +139,34 @@ def test_bad_inputs(tiny):
         tiny.img2img("/nonexistent.png", "x")
     with pytest.raises(TypeError, match="unknown option"):
         tiny.img2img(picture(), "x", strenght=0.5)
+
+
+def test_attention_maps_sum_to_one_over_all_tokens(tiny):
+    from sdtorch.editing import AttentionStore, hooked
+
+    store = AttentionStore(batch=2)
+    with hooked(tiny.unet, store) as layers:
+        tiny.generate("a red apple", steps=3, seed=0, width=64, height=64, batch_size=2, progress=False)
+    assert layers and all(m.hook is None for m in layers)  # removed afterwards
+    maps = store.maps((32, 32))  # tiny: latents 32x32, attention at 16x16
+    assert maps.shape == (2, 77, 16, 16)
+    assert torch.allclose(maps.sum(dim=1), torch.ones(2, 16, 16), atol=1e-5)
+    images, token_maps, labels = tiny.attention("a red apple", steps=3, seed=0, width=64, height=64, progress=False)
+    assert labels == ["a", "red", "apple"] and token_maps.shape == (1, 3, 16, 16)
+    assert (token_maps.sum(dim=1) <= 1 + 1e-5).all()
+
+
+def test_hooks_do_not_change_the_image_much_and_process_frames(tiny, tmp_path):
+    from sdtorch.pictures import attention_grid, save_process
+
+    plain = tiny.generate("a red apple", steps=3, seed=0, width=64, height=64, progress=False)[0]
+    images, maps, labels = tiny.attention("a red apple", steps=3, seed=0, width=64, height=64, progress=False)
+    diff = np.abs(np.asarray(plain, dtype=np.int16) - np.asarray(images[0], dtype=np.int16)).max()
+    assert diff <= 2  # explicit softmax vs fused attention: rounding only
+    grid = attention_grid(images[0], maps[0], labels)
+    assert grid.size == (64 * 4, 64 + 14)
+    images, frames, sigmas = tiny.process("a red apple", steps=4, seed=0, width=64, height=64, progress=False)
+    assert len(frames) == 4 and sigmas == sorted(sigmas, reverse=True)
+    assert np.asarray(frames[-1]).tolist() != np.asarray(frames[0]).tolist()
+    assert save_process(frames, sigmas, tmp_path / "p.gif").stat().st_size > 0
+    assert save_process(frames, sigmas, tmp_path / "p.png").exists()
