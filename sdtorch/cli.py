@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--process", metavar="FILE", help="also save the predicted clean image of every step: "
                      "a .gif animation or a .png strip")
 
+    ed = sub.add_parser("edit", help="prompt-to-prompt: a source image and its edit from one seed")
+    ed.add_argument("prompt", help="source prompt")
+    ed.add_argument("target", help="edited prompt")
+    ed.add_argument("--mode", choices=["replace", "refine", "reweight"], default="replace")
+    ed.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with injected cross-attention")
+    ed.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with injected self-attention")
+    ed.add_argument("--weight", action="append", default=[], metavar="WORD=X", help="reweight: scale WORD's attention")
+    ed.add_argument("--blend", action="append", default=[], metavar="WORD", help="local blending: edit only near WORD")
+    _common(ed)
+    ed.set_defaults(sampler="ddim")
+    ed.add_argument("--width", type=int, default=None)
+    ed.add_argument("--height", type=int, default=None)
+
     att = sub.add_parser("attention", help="generate and save per-token cross-attention maps")
     att.add_argument("prompt")
     _common(att)
@@ -111,6 +124,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
             path = out / f"attention-{seed}-{i}.png"
             attention_grid(image, maps[i], labels).save(path)
             print(path)
+    elif args.command == "edit":
+        weights = {}
+        for item in args.weight:
+            word, _, value = item.partition("=")
+            try:
+                weights[word] = float(value)
+            except ValueError:
+                raise ValueError(f"--weight takes WORD=NUMBER, got {item!r}") from None
+        options.pop("batch_size"), options.pop("eta"), options.pop("clip_skip")
+        images = pipe.edit(args.prompt, args.target, mode=args.mode, cross_steps=args.cross_steps,
+                           self_steps=args.self_steps, weights=weights, blend=args.blend or None,
+                           negative_prompt=args.negative, width=size[0], height=size[1], **options)
     elif args.command == "img2img":
         images = pipe.img2img(args.image, args.prompt, args.negative, strength=args.strength, **options)
     else:
@@ -169,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train_cli import cmd_train
 
         commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "attention": cmd_generate,
+                    "edit": cmd_generate,
                     "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train}
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:  # CheckpointError is a ValueError

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -104,7 +104,7 @@ class Pipeline:
             eta=params.eta, disable=not progress, prediction=self.config.prediction, init=init, start=start,
         )
 
-    def _latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
+    def latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
         f = self.vae.downscale
         return (params.batch_size, self.config.unet.out_channels, params.height // f, params.width // f)
 
@@ -114,7 +114,7 @@ class Pipeline:
         """Run the sampler; returns the final latents (B, 4, H/f, W/f), unscaled for decoding."""
         validate(params, self.vae.downscale)
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        noise = torch.randn(self._latent_shape(params), generator=generator, dtype=torch.float32)
+        noise = torch.randn(self.latent_shape(params), generator=generator, dtype=torch.float32)
         return self._sample(params, generator, noise, callback, progress)
 
     @torch.no_grad()
@@ -146,10 +146,10 @@ class Pipeline:
         validate(params, self.vae.downscale)
         start = img2img_start(params.steps, strength)
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        small = F.interpolate(mask, size=self._latent_shape(params)[-2:]).to(self.device)  # nearest
+        small = F.interpolate(mask, size=self.latent_shape(params)[-2:]).to(self.device)  # nearest
         if self.config.unet.in_channels == 9:
             init = self.encode_image(image, generator, params.batch_size) if strength < 1 else None
-            noise = torch.randn(self._latent_shape(params), generator=generator, dtype=torch.float32)
+            noise = torch.randn(self.latent_shape(params), generator=generator, dtype=torch.float32)
             masked = self.encode_image(image * (mask < 0.5), generator, params.batch_size)
 
             def wrap(unet):
@@ -239,6 +239,12 @@ class Pipeline:
         images = self.generate(prompt, negative_prompt, callback=record, **options)
         frames = [to_pil(self.decode(z))[0] for z in latents]
         return images, frames, sigmas
+
+    def edit(self, prompt: str, target: str, **options) -> list[Image.Image]:
+        """Prompt-to-prompt editing: [source image, edited image]; see `sdtorch.editing.edit`."""
+        from .editing import edit
+
+        return edit(self, prompt, target, **options)
 
     def _pixels(self, image: ImageLike, options: dict) -> torch.Tensor:
         """The input picture at the requested size, or its own size rounded down to a multiple of 8."""

@@ -143,3 +143,16 @@ def test_attention_and_process_commands(tiny_file, tmp_path):
                  "--process", str(tmp_path / "process.gif")]) == 0
     gif = Image.open(tmp_path / "process.gif")
     assert gif.n_frames == 3
+
+
+def test_edit_command(tiny_file, tmp_path, capsys):
+    base = ["-c", str(tiny_file), "--steps", "3", "--seed", "4", "--width", "32", "--height", "32", "--out", str(tmp_path)]
+    assert main(["edit", "a red ball", "a blue ball", *base]) == 0
+    source, edited = sorted(tmp_path.glob("*.png"))
+    assert "Edit: replace from 'a red ball'" in Image.open(edited).text["parameters"]
+    assert Image.open(source).text["parameters"].startswith("a red ball\n")
+    capsys.readouterr()
+    assert main(["edit", "a red ball", "a big blue ball", *base]) == 2
+    assert "same token count" in capsys.readouterr().err
+    assert main(["edit", "a red ball", "a red ball", "--mode", "reweight", "--weight", "red=x", *base]) == 2
+    assert "--weight takes WORD=NUMBER" in capsys.readouterr().err

@@ -170,3 +170,43 @@ def test_hooks_do_not_change_the_image_much_and_process_frames(tiny, tmp_path):
     assert np.asarray(frames[-1]).tolist() != np.asarray(frames[0]).tolist()
     assert save_process(frames, sigmas, tmp_path / "p.gif").stat().st_size > 0
     assert save_process(frames, sigmas, tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_karras"])
+def test_identity_edit_is_plain_generation_bit_for_bit(tiny, sampler):
+    opts = dict(steps=5, sampler=sampler, seed=3, width=64, height=64, progress=False)
+    plain = tiny.generate("a red apple", **opts)[0]
+    for mode in ("replace", "refine"):
+        source, edited = tiny.edit("a red apple", "a red apple", mode=mode, cross_steps=1.0, self_steps=1.0, **opts)
+        assert source.tobytes() == plain.tobytes(), mode
+        assert edited.tobytes() == plain.tobytes(), mode
+
+
+def test_word_swap_changes_the_edit_but_keeps_the_source(tiny):
+    opts = dict(steps=5, seed=3, width=64, height=64, progress=False)
+    plain = tiny.generate("a red apple", sampler="ddim", **opts)[0]
+    source, edited = tiny.edit("a red apple", "a green apple", **opts)
+    other = tiny.generate("a green apple", sampler="ddim", **opts)[0]
+    assert source.tobytes() == plain.tobytes()
+    a, b, c = (np.asarray(im, dtype=np.float32) for im in (plain, edited, other))
+    assert np.abs(a - b).mean() > 0  # the edit changed something ...
+    assert np.abs(a - b).mean() < np.abs(a - c).mean()  # ... and kept closer to the source than a fresh prompt
+    source, reweighted = tiny.edit("a red apple", "a red apple", mode="reweight", weights={"red": 3.0}, **opts)
+    assert reweighted.tobytes() != plain.tobytes()
+
+
+def test_local_blend_keeps_the_rest_exactly(tiny):
+    src, edited = tiny.edit("a red apple", "a green apple", blend=["apple"], steps=4, seed=3, width=64, height=64,
+                            progress=False, cross_steps=0.5)
+    assert src.size == edited.size == (64, 64)
+
+
+def test_edit_errors(tiny):
+    with pytest.raises(ValueError, match="same token count"):
+        tiny.edit("a red apple", "a very red apple", steps=2)
+    with pytest.raises(ValueError, match="not a word of the edited prompt"):
+        tiny.edit("a red apple", "a red apple", mode="reweight", weights={"blue": 2.0}, steps=2)
+    with pytest.raises(ValueError, match="deterministic one-call-per-step sampler"):
+        tiny.edit("a red apple", "a green apple", sampler="euler_a", steps=2)
+    with pytest.raises(ValueError, match="unknown edit mode"):
+        tiny.edit("a", "b", mode="swap", steps=2)
