@@ -168,16 +168,17 @@ class EditDenoiser(nn.Module):
 
 @torch.no_grad()
 def edit(pipe, prompt: str, target: str, *, mode: str = "replace", cross_steps: float = 0.8,
-         self_steps: float = 0.4, weights: dict[str, float] | None = None, blend: list[str] | None = None,
+         self_steps: float = 0.4, weights: dict[str, float] | None = None, blend: list[str] | torch.Tensor | None = None,
          negative_prompt: str = "", steps: int = 20, sampler: str = "ddim", cfg_scale: float = 7.5,
          seed: int | None = None, width: int | None = None, height: int | None = None,
-         progress: bool = True) -> list[Image.Image]:
+         callback=None, progress: bool = True) -> list[Image.Image]:
     """Prompt-to-prompt: [source image, edited image] from one seed, the edit reusing the
     source's attention maps for the first `cross_steps` (cross-attention) and `self_steps`
     (self-attention) fractions of the steps. mode: "replace" (word swap, same token count),
     "refine" (words added or changed; shared tokens aligned), "reweight" (scale the attention to
     the words in `weights`). `blend`: words whose attention in the source picks the region the
-    edit may change (local blending); elsewhere the edit follows the source exactly."""
+    edit may change (local blending), or that region as a (1, 1, H, W) pixel mask; elsewhere the
+    edit follows the source exactly."""
     size = pipe.config.sample_size
     params = GenerationParams(prompt, negative_prompt, steps, sampler, cfg_scale,
                               random.randrange(2**32) if seed is None else seed, width or size, height or size)
@@ -189,7 +190,10 @@ def edit(pipe, prompt: str, target: str, *, mode: str = "replace", cross_steps: 
     if sampler not in ONE_CALL_SAMPLERS:
         raise ValueError(f"editing needs a deterministic one-call-per-step sampler: {', '.join(ONE_CALL_SAMPLERS)}")
     mapper, keep, weight = edit_alignment(pipe, prompt, target, mode, weights or {})
-    mask = blend_mask(pipe, params, blend) if blend else None
+    if isinstance(blend, torch.Tensor):  # an explicit pixel mask (1, 1, H, W), 1 = may change
+        mask = F.interpolate(blend.float(), size=pipe.latent_shape(params)[-2:]).to(pipe.device)
+    else:
+        mask = blend_mask(pipe, params, blend) if blend else None
     control = PromptToPrompt(mode, mapper, keep, weight, steps, cross_steps, self_steps)
     cond_src, cond_edit = pipe.encode_prompt([prompt]), pipe.encode_prompt([target])
     uncond = pipe.encode_prompt([negative_prompt])
@@ -201,7 +205,7 @@ def edit(pipe, prompt: str, target: str, *, mode: str = "replace", cross_steps: 
 
     with hooked(pipe.unet, control, cross=True, self_attn=True):
         latents = samplers.sample(sampler, make_model, noise.to(pipe.device), steps, pipe.config.schedule,
-                                  disable=not progress, prediction=pipe.config.prediction)
+                                  callback=callback, disable=not progress, prediction=pipe.config.prediction)
     source, edited = to_pil(pipe.decode(latents))
     source.info["parameters"] = pipe.infotext(params)
     edited.info["parameters"] = pipe.infotext(replace(params, prompt=target, extra={

@@ -196,9 +196,18 @@ def test_word_swap_changes_the_edit_but_keeps_the_source(tiny):
 
 
 def test_local_blend_keeps_the_rest_exactly(tiny):
-    src, edited = tiny.edit("a red apple", "a green apple", blend=["apple"], steps=4, seed=3, width=64, height=64,
-                            progress=False, cross_steps=0.5)
-    assert src.size == edited.size == (64, 64)
+    steps = []
+    region = torch.zeros(1, 1, 64, 64)
+    region[..., :, 32:] = 1  # the right half may change
+    tiny.edit("a red apple", "a green apple", blend=region, steps=4, seed=3, width=64, height=64,
+              progress=False, cross_steps=0.5, callback=lambda d: steps.append(d["x"].clone()))
+    assert len(steps) == 4
+    for x in steps:
+        assert torch.equal(x[0, :, :, :16], x[1, :, :, :16])  # left half of the 32x32 latents: identical
+    assert not torch.equal(steps[-1][0, :, :, 16:], steps[-1][1, :, :, 16:])  # right half: edited
+    images = tiny.edit("a red apple", "a green apple", blend=["apple"], steps=2, seed=3, width=64, height=64,
+                       progress=False)  # words: the mask comes from the source's attention to them
+    assert len(images) == 2
 
 
 def test_edit_errors(tiny):
