@@ -198,6 +198,10 @@ class Pipeline:
                 strength: float = 1.0, callback: Callable | None = None, progress: bool = True,
                 **options) -> list[Image.Image]:
         """Repaint the white part of `mask` (same size as the image). `options` as `generate`."""
+        if not isinstance(image, torch.Tensor) and not isinstance(mask, torch.Tensor):
+            size, mask_size = open_image(image).size, open_image(mask, "L").size
+            if size != mask_size:
+                raise ValueError(f"mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}")
         pixels = self._pixels(image, options)
         m = mask_tensor(mask, pixels.shape[-1], pixels.shape[-2])
         params = self._params(prompt, negative_prompt, pixels, {"Denoising strength": strength}, options)

@@ -59,6 +59,12 @@ def sd15_reference(tmp_path_factory) -> Reference:
 
 
 @pytest.fixture(scope="session")
+def sd15_inpaint_reference(tmp_path_factory) -> Reference:
+    """SD 1.5 inpainting architecture (9-channel UNet), random weights (slow)."""
+    yield from _reference(tmp_path_factory, replace(SD15, name="sd15-inpaint", unet=replace(SD15.unet, in_channels=9)))
+
+
+@pytest.fixture(scope="session")
 def sd21_reference(tmp_path_factory) -> Reference:
     """SD 2.1 (768, v-prediction) architecture, random weights (slow: ~4 GB per copy)."""
     yield from _reference(tmp_path_factory, SD21)

@@ -130,8 +130,8 @@ def test_img2img_and_inpaint_commands(tiny_file, tmp_path, capsys):
     assert "exactly one of --mask" in capsys.readouterr().err
     small = Image.new("L", (16, 16), 255)
     small.save(tmp_path / "small.png")
-    assert main(["inpaint", str(tmp_path / "in.png"), "x", "--mask", str(tmp_path / "small.png"), *base]) == 0
-    # a differently sized mask is resized to the image, as diffusers does
+    assert main(["inpaint", str(tmp_path / "in.png"), "x", "--mask", str(tmp_path / "small.png"), *base]) == 2
+    assert "mask is 16x16 but the image is 32x32" in capsys.readouterr().err
 
 
 def test_attention_and_process_commands(tiny_file, tmp_path):

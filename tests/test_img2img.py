@@ -219,3 +219,36 @@ def test_edit_errors(tiny):
         tiny.edit("a red apple", "a green apple", sampler="euler_a", steps=2)
     with pytest.raises(ValueError, match="unknown edit mode"):
         tiny.edit("a", "b", mode="swap", steps=2)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_sd15_img2img_and_inpainting_match_diffusers(sd15_reference, sd15_inpaint_reference, parity_log):
+    """The SD 1.5 architecture (random weights): img2img and 9-channel inpainting, a few cases each.
+    One pair of pipelines is held at a time (each pair is ~8 GB in fp32)."""
+    import gc
+
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    cases = [("euler_a", 0.6), ("dpmpp_2m_karras", 0.75), ("ddim", 0.5)]
+    for ref, cls in ((sd15_reference, StableDiffusionImg2ImgPipeline), (sd15_inpaint_reference, StableDiffusionInpaintPipeline)):
+        ours = sdtorch.load(ref.checkpoint)  # full-size: detected from the keys
+        assert ours.config.unet == ref.preset.unet
+        theirs = cls.from_pretrained(ref.folder, local_files_only=True, safety_checker=None)
+        theirs.set_progress_bar_config(disable=True)
+        inpaint = cls is StableDiffusionInpaintPipeline
+        for sampler, strength in cases:
+            theirs.scheduler = reference_scheduler(sampler, theirs.scheduler.config)
+            p = params(sampler, steps=4)
+            extra = {"mask_image": square_mask()} if inpaint else {}
+            if inpaint:
+                a = ours.inpaint_latents(image_tensor(picture()), mask_tensor(square_mask(), 64, 64), p, strength)
+            else:
+                a = ours.img2img_latents(image_tensor(picture()), p, strength)
+            b = theirs(p.prompt, image=picture(), strength=strength, negative_prompt=p.negative_prompt,
+                       num_inference_steps=p.steps, guidance_scale=p.cfg_scale, num_images_per_prompt=2,
+                       generator=torch.Generator("cpu").manual_seed(p.seed), output_type="latent", **extra).images
+            name = "sd15 9-channel inpaint" if inpaint else "sd15 img2img"
+            assert parity_log(f"{name} latents rel_err", rel_err(a, b)) <= 1e-3, (sampler, strength)
+        del ours, theirs
+        gc.collect()

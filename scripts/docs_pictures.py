@@ -1,0 +1,57 @@
+"""Render the README's pictures from a checkpoint: samples, img2img, inpainting, a word-swap edit,
+an attention-map grid and a denoising strip.
+
+    python scripts/docs_pictures.py CHECKPOINT OUT_DIR [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+import sdtorch
+from sdtorch.pictures import attention_grid, process_strip, row
+
+PROMPTS = ["red apple", "grinning face", "dog face", "tent", "red heart", "sun", "pizza", "flag of Japan"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = sdtorch.load(args.checkpoint)
+    opts = dict(steps=args.steps, seed=args.seed, progress=False)
+
+    samples = [pipe.generate(p, sampler="dpmpp_2m", **opts)[0] for p in PROMPTS]
+    row(samples, PROMPTS, cols=8).save(args.out / "samples.png")
+
+    source = samples[0]
+    outs = [pipe.img2img(source, "green apple", strength=s, sampler="ddim", **opts)[0] for s in (0.3, 0.5, 0.7)]
+    row([source] + outs, ["input", "0.3", "0.5", "0.7"]).save(args.out / "img2img.png")
+
+    mask = Image.new("L", source.size, 0)
+    w, h = source.size
+    ImageDraw.Draw(mask).rectangle((w // 2, 0, w - 1, h - 1), fill=255)
+    painted = pipe.inpaint(source, mask, "grinning face", sampler="ddim", **opts)[0]
+    row([source, mask.convert("RGB"), painted], ["input", "mask", "inpainted"]).save(args.out / "inpaint.png")
+
+    src, edited = pipe.edit("red apple", "green apple", sampler="ddim", **opts)
+    fresh = pipe.generate("green apple", sampler="ddim", **opts)[0]
+    row([src, edited, fresh], ["red apple", "edit: green", "green, no edit"]).save(args.out / "edit.png")
+
+    images, maps, labels = pipe.attention("a red apple and a tent", sampler="ddim", **opts)
+    attention_grid(images[0], maps[0], labels).save(args.out / "attention.png")
+
+    _, frames, sigmas = pipe.process("grinning face", sampler="dpmpp_2m", **opts)
+    process_strip(frames, sigmas).save(args.out / "process.png")
+    print("\n".join(str(p) for p in sorted(args.out.glob("*.png"))))
+
+
+if __name__ == "__main__":
+    main()
