@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     torch.manual_seed(cfg.seed)
     if args.job == "vae":
-        preview = torch.stack([data[i]["image"] for i in range(min(8, len(data)))])
+        preview = torch.stack([data[i]["image"] for i in _spread(len(data), 8)])
         job = VAEJob(preset.vae, preview=preview)
         ema = train(job, data, cfg)
         path = job.export(ema, Path(args.out) / "vae.safetensors")
@@ -94,10 +94,15 @@ def _train_clip(args, preset: ModelConfig, data, cfg) -> Path:
 
     tower = ImageTowerConfig(image_size=data.size, patch_size=args.patch_size, width=args.tower_width,
                              layers=args.tower_layers, heads=max(1, args.tower_width // 64), embed_dim=args.embed_dim)
-    preview = collate([data[i] for i in range(min(16, len(data)))])
+    preview = collate([data[i] for i in _spread(len(data), 16)])
     job = ClipJob(preset.clip, tower, preview=preview)
     ema = train(job, data, cfg)
     return job.export(ema, Path(args.out) / "clip.safetensors")
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over a dataset of n items (previews that show its variety)."""
+    return sorted({i * n // k for i in range(min(k, n))})
 
 
 def _load_parts(args, preset: ModelConfig):
