@@ -49,7 +49,7 @@ def add_train_command(sub) -> None:
             p.add_argument("--prompts", nargs="*", default=[], help="prompts for the sample grids")
 
 
-def _train_config(args) -> "TrainConfig":
+def _train_config(args):
     from .train import TrainConfig
 
     given = {k: getattr(args, k) for k in COMMON if getattr(args, k) is not None}

@@ -19,7 +19,8 @@ from reference_files import write_hf_tokenizer
 from safetensors.torch import save_file
 
 from sdtorch.config import ClipConfig, ModelConfig
-from sdtorch.convert import diffusers_configs, diffusers_folder_to_original
+from sdtorch.convert import diffusers_folder_to_original
+from sdtorch.diffusers_config import diffusers_configs
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",

@@ -23,8 +23,6 @@ from safetensors.torch import load_file
 
 from sdtorch.config import SD15, SD21, SD21_BASE, TINY, ModelConfig
 from sdtorch.convert import (
-    config_from_diffusers,
-    diffusers_configs,
     diffusers_folder_to_original,
     hf_to_openclip,
     openclip_to_hf,
@@ -33,6 +31,7 @@ from sdtorch.convert import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
+from sdtorch.diffusers_config import config_from_diffusers, diffusers_configs
 
 DATA = Path(__file__).parent / "data"
 
