@@ -87,7 +87,7 @@ def test_nine_channel_inpainting_matches_diffusers(inpaint_pair, sampler, streng
     theirs.scheduler = reference_scheduler(sampler, theirs.scheduler.config)
     p = params(sampler)
     a = ours.inpaint_latents(image_tensor(picture()), mask_tensor(square_mask(), 64, 64), p, strength)
-    b = theirs(p.prompt, image=picture(), mask_image=square_mask(), strength=strength,
+    b = theirs(p.prompt, image=picture(), mask_image=square_mask(), strength=strength, height=64, width=64,
                negative_prompt=p.negative_prompt, num_inference_steps=p.steps, guidance_scale=p.cfg_scale,
                num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(p.seed),
                output_type="latent").images
@@ -240,7 +240,8 @@ def test_sd15_img2img_and_inpainting_match_diffusers(sd15_reference, sd15_inpain
         for sampler, strength in cases:
             theirs.scheduler = reference_scheduler(sampler, theirs.scheduler.config)
             p = params(sampler, steps=4)
-            extra = {"mask_image": square_mask()} if inpaint else {}
+            # the inpainting pipeline defaults to unet.sample_size * 8 pixels: give it the size
+            extra = {"mask_image": square_mask(), "height": 64, "width": 64} if inpaint else {}
             if inpaint:
                 a = ours.inpaint_latents(image_tensor(picture()), mask_tensor(square_mask(), 64, 64), p, strength)
             else:
