@@ -260,7 +260,7 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, dtype
     shapes = [
         f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape and sd[k].numel() != v.numel()
+        if k in sd and sd[k].shape != v.shape and not _linear_as_1x1(sd[k].shape, v.shape)
     ]
     if missing or unexpected or shapes:
         lines = [f"the {what} weights do not fit the {what} model"]
@@ -271,6 +271,11 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, dtype
     # 1x1 convolutions stored as Linear (some converted VAEs) differ only by a reshape.
     fixed = {k: v.reshape(expected[k].shape).to(dtype) for k, v in sd.items()}
     module.load_state_dict(fixed, strict=True, assign=True)
+
+
+def _linear_as_1x1(given: torch.Size, expected: torch.Size) -> bool:
+    """A 1x1 convolution's weight stored as a Linear one (some converted VAEs): (o, i) vs (o, i, 1, 1)."""
+    return len(given) == 2 and tuple(expected) == (*given, 1, 1)
 
 
 def original_state_dict(unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig) -> dict:

@@ -179,7 +179,7 @@ def train(job: Job, dataset, cfg: TrainConfig, *, progress: bool = True) -> dict
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss_sum, logs = _accumulate(job, dataset, stream, step, cfg, models)
+        loss_sum, logs = _accumulate(job, dataset, stream, step, cfg, models, params[0].device.type)
         norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -200,11 +200,10 @@ def train(job: Job, dataset, cfg: TrainConfig, *, progress: bool = True) -> dict
     return ema
 
 
-def _accumulate(job, dataset, stream, step, cfg, models) -> tuple[float, dict]:
+def _accumulate(job, dataset, stream, step, cfg, models, device: str) -> tuple[float, dict]:
     total, logs = 0.0, {}
     for micro in range(cfg.grad_accum):
         batch, seeds = micro_batch(dataset, stream, step, micro, cfg)
-        device = next(iter(models.values())).parameters().__next__().device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, parts = job.loss(batch | {"models": models}, seeds)
         (loss / cfg.grad_accum).backward()

@@ -116,3 +116,20 @@ def test_emoji_preset_fits_the_builtin_budget():
     n = sum(p.numel() for m in parts for p in m.parameters())
     assert 2 * n <= 60e6, f"{2 * n / 1e6:.1f} MB"
     assert parts[1].downscale == 4 and EMOJI.sample_size // 4 == 16
+
+
+def test_strict_load_reshapes_only_linear_stored_1x1_convs():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY.vae)
+    sd = dict(vae.state_dict())
+    sd["encoder.mid.attn_1.q.weight"] = sd["encoder.mid.attn_1.q.weight"][:, :, 0, 0]  # Linear layout: accepted
+    with torch.device("meta"):
+        target = AutoencoderKL(TINY.vae)
+    checkpoint.load_strict(target, sd, "VAE", torch.float32)
+    assert torch.equal(target.encoder.mid.attn_1.q.weight, vae.encoder.mid.attn_1.q.weight)
+    w = sd["encoder.conv_in.weight"]  # (32, 3, 3, 3): same element count, another shape: refused
+    sd["encoder.conv_in.weight"] = w.reshape(3, 32, 3, 3)
+    with torch.device("meta"):
+        target = AutoencoderKL(TINY.vae)
+    with pytest.raises(checkpoint.CheckpointError, match=r"wrong shape \(1\): encoder.conv_in.weight"):
+        checkpoint.load_strict(target, sd, "VAE", torch.float32)
