@@ -76,8 +76,11 @@ class ClipEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=token)
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.width, _weight=position)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
-        return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[1]]
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) -> (B, L, D). token_embeds (B, L, D): used instead of the token table's rows
+        (textual inversion puts its learned vectors there)."""
+        x = self.token_embedding(tokens) if token_embeds is None else token_embeds
+        return x + self.position_embedding.weight[: tokens.shape[1]]
 
 
 class ClipTextTransformer(nn.Module):
@@ -96,16 +99,18 @@ class ClipTextModel(nn.Module):
         self.cfg = cfg
         self.text_model = ClipTextTransformer(cfg)
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, clip_skip: int | None = None, *,
+                token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """clip_skip counts as AUTOMATIC1111 does: 1 = last layer, 2 = penultimate, ...
 
         The final layer norm is applied to whichever layer is taken (as SD2 and A1111 do).
+        token_embeds (B, L, D): the token embeddings to use instead of looking `tokens` up.
         """
         skip = clip_skip or self.cfg.clip_skip
         layers = self.text_model.encoder.layers
         if not 1 <= skip <= len(layers):
             raise ValueError(f"clip_skip must be in 1..{len(layers)}, got {skip}")
-        x = self.text_model.embeddings(tokens)
+        x = self.text_model.embeddings(tokens, token_embeds)
         for layer in layers[: len(layers) - skip + 1]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)

@@ -20,7 +20,6 @@ from torch import nn
 
 from . import samplers
 from .pipeline import GenerationParams, to_pil, validate
-
 from .unet import CrossAttention
 
 
@@ -195,8 +194,9 @@ def edit(pipe, prompt: str, target: str, *, mode: str = "replace", cross_steps: 
     else:
         mask = blend_mask(pipe, params, blend) if blend else None
     control = PromptToPrompt(mode, mapper, keep, weight, steps, cross_steps, self_steps)
-    cond_src, cond_edit = pipe.encode_prompt([prompt]), pipe.encode_prompt([target])
-    uncond = pipe.encode_prompt([negative_prompt])
+    # Plain 77-token encoding: the token alignment above is of the plain tokens.
+    cond_src, cond_edit = (pipe.encode_prompt([p], syntax="plain") for p in (prompt, target))
+    uncond = pipe.encode_prompt([negative_prompt], syntax="plain")
     generator = torch.Generator("cpu").manual_seed(params.seed)
     noise = torch.randn(pipe.latent_shape(params), generator=generator).repeat(2, 1, 1, 1)
 
