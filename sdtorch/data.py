@@ -89,9 +89,15 @@ def _read_metadata(root: Path) -> list[tuple[Path, str]]:
     return items
 
 
-def _read_sidecar_captions(root: Path) -> list[tuple[Path, str]]:
+def _read_images(root: Path) -> list[tuple[Path, str]]:
+    """Every image under root (hidden folders left out), sorted, with an empty caption."""
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return [(p, "") for p in images]
+
+
+def _read_sidecar_captions(root: Path) -> list[tuple[Path, str]]:
+    images = [p for p, _ in _read_images(root)]
     missing = [p.with_suffix(".txt") for p in images if not p.with_suffix(".txt").is_file()]
     if missing:
         raise FileNotFoundError(f"{root}: no metadata.jsonl, and {len(missing)} of {len(images)} images have "
@@ -99,8 +105,9 @@ def _read_sidecar_captions(root: Path) -> list[tuple[Path, str]]:
     return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
 
 
-def find_items(root: str | Path) -> list[tuple[Path, str]]:
-    """(image path, caption) pairs of a dataset folder, in a fixed order (the metadata's, or sorted paths)."""
+def find_items(root: str | Path, *, captions: bool = True) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs of a dataset folder, in a fixed order (the metadata's, or sorted paths).
+    captions=False: a folder without metadata.jsonl may be bare images (their captions are "")."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"dataset folder not found: {root}")
@@ -109,7 +116,7 @@ def find_items(root: str | Path) -> list[tuple[Path, str]]:
     if (root / "metadata.jsonl").is_file():
         items = _read_metadata(root)
     else:
-        items = _read_sidecar_captions(root)
+        items = _read_sidecar_captions(root) if captions else _read_images(root)
     if not items:
         raise ValueError(f"{root}: no images (looked for metadata.jsonl, or {'/'.join(IMAGE_EXTENSIONS)} "
                          f"files with .txt captions)")
@@ -123,14 +130,17 @@ class ImageCaptionDataset(Dataset):
     items; both are drawn from `item_generator(seed, epoch, index)` (see the module docstring).
     cache=True keeps each decoded RGB image in memory after its first load (meant for small sets
     such as the emoji one; with DataLoader workers each worker fills its own copy).
+    caption: give every item this text (DreamBooth's "a sks dog"); the folder then needs no captions.
     """
 
     def __init__(self, root: str | Path, size: int, *, flip: bool = False, center_crop: bool = True,
-                 cache: bool = False, seed: int = 0):
+                 cache: bool = False, seed: int = 0, caption: str | None = None):
         if size <= 0:
             raise ValueError(f"size must be a positive integer, got {size}")
         self.root = Path(root)
-        self.items = find_items(self.root)
+        self.items = find_items(self.root, captions=caption is None)
+        if caption is not None:
+            self.items = [(path, caption) for path, _ in self.items]
         self.size, self.flip, self.center_crop, self.seed = size, flip, center_crop, seed
         self.epoch = 0
         self._cache: dict[int, Image.Image] | None = {} if cache else None

@@ -3,7 +3,8 @@
 - `VAEJob`: the KL autoencoder (reconstruction + KL).
 - `UNetJob`: the noise predictor on latents of a frozen autoencoder, conditioned on a frozen
   text encoder, eps- or v-prediction, with caption dropout so classifier-free guidance works.
-(The contrastive CLIP job lives in `sdtorch.clip_train`.)
+- `LoRAJob`: UNetJob's loss on a frozen model; only LoRA layers (`sdtorch.lora`) train.
+(The contrastive CLIP job lives in `sdtorch.clip_train`, DreamBooth's in `sdtorch.dreambooth`.)
 
 Each job reads its models from `batch["models"]` inside `loss` (they may be wrapped in
 DistributedDataParallel there) and draws every random number from the per-sample seeds.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, lora
 from .clip import ClipTextModel
 from .config import ModelConfig, VAEConfig
 from .schedule import alphas_cumprod
@@ -69,38 +70,70 @@ class VAEJob:
 
 
 class UNetJob:
-    """Denoising score matching on latents: the UNet learns eps (or v) at a random timestep."""
+    """Denoising score matching on latents: the UNet learns eps (or v) at a random timestep.
+    train_text_encoder=True fine-tunes the text encoder with it (DreamBooth's option)."""
 
     def __init__(self, cfg: ModelConfig, vae: AutoencoderKL, clip: ClipTextModel, *,
-                 caption_dropout: float = 0.1, preview_prompts: list[str] | None = None):
+                 caption_dropout: float = 0.1, preview_prompts: list[str] | None = None,
+                 unet: UNetModel | None = None, text_grad: bool = False, train_text_encoder: bool = False):
         self.cfg = cfg
-        self.unet = UNetModel(cfg.unet)
+        self.unet = UNetModel(cfg.unet) if unet is None else unet  # given: fine-tune that one
         self.modules = {"unet": self.unet}
         self.vae, self.clip = vae.eval().requires_grad_(False), clip.eval().requires_grad_(False)
+        if train_text_encoder:
+            self.modules["clip"] = clip.requires_grad_(True)
+            text_grad = True
         self.tokenizer = ClipTokenizer()
         self.caption_dropout = caption_dropout
         self.alphas = alphas_cumprod(cfg.schedule)  # (T,)
         self.preview_prompts = preview_prompts or []
+        self.text_grad = text_grad  # keep the text encoder's graph (it, or its LoRA layers, train)
+
+    latent_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache_bf16: bool = False
 
     @torch.no_grad()
-    def condition(self, images: torch.Tensor, texts: list[str], seeds: torch.Tensor):
-        """Frozen parts: latents z0 = posterior sample * scaling_factor, text states (dropout -> "")."""
-        posterior = self.vae.encode(images)
-        z0 = (posterior.mean + posterior.std * randn_per_sample(posterior.mean.shape[1:], seeds, 1))
+    def cache_latents(self, dataset, chunk: int = 64) -> None:
+        """Encode every item of a dataset whose items never change (no flips, no random crops) once:
+        the posterior's mean and std per item, so steps skip the VAE encoder. Done up front in
+        fixed chunks, so an interrupted and resumed run uses the very same numbers."""
+        means, stds = [], []
+        for start in range(0, len(dataset), chunk):
+            images = torch.stack([dataset.get(i)["image"] for i in range(start, min(start + chunk, len(dataset)))])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cache_bf16):
+                posterior = self.vae.encode(images)
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+        self.latent_cache = torch.cat(means), torch.cat(stds)
+
+    def condition(self, images: torch.Tensor, texts: list[str], seeds: torch.Tensor, index: list[int] | None = None,
+                  clip: nn.Module | None = None):
+        """Latents z0 = posterior sample * scaling_factor (frozen VAE), text states of `clip` (default
+        the frozen one; captions dropped -> "")."""
+        with torch.no_grad():
+            if self.latent_cache is not None and index is not None:
+                mean, std = (c[index] for c in self.latent_cache)
+            else:
+                posterior = self.vae.encode(images)
+                mean, std = posterior.mean, posterior.std
+            z0 = mean + std * randn_per_sample(mean.shape[1:], seeds, 1)
         drop = rand_per_sample(seeds, 2) < self.caption_dropout
         texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
         tokens = self.tokenizer(texts, pad_id=self.cfg.clip.pad_token_id)
-        return z0 * self.cfg.vae.scaling_factor, self.clip(tokens).float()
+        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
+            context = (self.clip if clip is None else clip)(tokens).float()
+        return z0 * self.cfg.vae.scaling_factor, context
 
     def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        z0, context = self.condition(batch["image"], batch["text"], seeds)
+        models = batch["models"]
+        z0, context = self.condition(batch["image"], batch["text"], seeds, batch.get("index"), models.get("clip"))
         T = len(self.alphas)
         t = (rand_per_sample(seeds, 3) * T).long().clamp(max=T - 1)  # (B,)
         noise = randn_per_sample(z0.shape[1:], seeds, 4)
         a = self.alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
         target = noise if self.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z0
-        pred = batch["models"]["unet"](x_t, t.float(), context)
+        pred = models["unet"](x_t, t.float(), context)
         loss = F.mse_loss(pred.float(), target)
         return loss, {}
 
@@ -110,11 +143,50 @@ class UNetJob:
             return None
         from .pipeline import Pipeline
 
-        pipe = Pipeline(self.cfg, ema["unet"], self.vae, self.clip)
+        pipe = Pipeline(self.cfg, ema["unet"], self.vae, ema.get("clip", self.clip))
         images = []
         for prompt in self.preview_prompts:
             images += pipe.generate(prompt, steps=20, sampler="dpmpp_2m", cfg_scale=5.0, seed=0, progress=False)
         return grid(images, cols=min(8, len(images)))
 
     def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
-        return checkpoint.save(path, ema["unet"], self.vae, self.clip, self.cfg, dtype=dtype)
+        return checkpoint.save(path, ema["unet"], self.vae, ema.get("clip", self.clip), self.cfg, dtype=dtype)
+
+
+class LoRAJob:
+    """LoRA training as kohya's sd-scripts does it: the base UNet (and text encoder) frozen, the
+    LoRA layers of `network` trained on UNetJob's loss; exports a kohya-format .safetensors."""
+
+    def __init__(self, cfg: ModelConfig, unet: UNetModel, vae: AutoencoderKL, clip: ClipTextModel,
+                 network: lora.LoRANetwork, *, caption_dropout: float = 0.0,
+                 preview_prompts: list[str] | None = None, metadata: dict[str, str] | None = None):
+        unet.eval().requires_grad_(False)
+        text_grad = any(model == "clip" for model, _ in network.targets)
+        self.base = UNetJob(cfg, vae, clip, unet=unet, text_grad=text_grad, caption_dropout=caption_dropout,
+                            preview_prompts=preview_prompts)
+        self.network = network
+        self.modules = {"lora": network}
+        self.metadata = metadata or {}
+        self.stack = lora.LoRAStack(unet, clip)  # the LoRA layers act through hooks on the base models
+        self.active = self.stack.add(network)
+
+    def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        inner = {k: v for k, v in batch.items() if k != "models"} | {"models": {"unet": self.base.unet}}
+        return batch["models"]["lora"](self.base.loss, inner, seeds)  # through DDP when distributed
+
+    @torch.no_grad()
+    def samples(self, ema: dict[str, nn.Module], step: int):
+        if not self.base.preview_prompts:
+            return None
+        self.stack.remove(self.active)
+        preview = self.stack.add(ema["lora"])
+        try:
+            return self.base.samples({"unet": self.base.unet}, step)
+        finally:
+            self.stack.remove(preview)
+            self.active = self.stack.add(self.network)
+
+    def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
+        cfg = self.base.cfg
+        return lora.save(ema["lora"], path, cfg.unet, v2=cfg.clip_layout == "openclip", metadata=self.metadata,
+                         dtype=dtype)

@@ -1,4 +1,4 @@
-"""`sdtorch train vae|unet|clip`: the training jobs from the command line.
+"""`sdtorch train vae|unet|clip|lora|dreambooth|embedding`: the training jobs from the command line.
 
 The same command runs on one process or under `torchrun --nproc_per_node N` (DDP; gloo on CPU).
 """
@@ -21,15 +21,18 @@ COMMON = {
 
 
 def add_train_command(sub) -> None:
-    parser = sub.add_parser("train", help="train the autoencoder, the text encoder or the UNet")
+    parser = sub.add_parser("train", help="train the autoencoder, the text encoder, the UNet, a LoRA, DreamBooth, "
+                                "or a textual-inversion embedding")
     jobs = parser.add_subparsers(dest="job", required=True)
     for name, help_ in (("vae", "the KL autoencoder"), ("clip", "the CLIP text encoder, contrastively"),
-                        ("unet", "the UNet on frozen VAE + text encoder")):
+                        ("unet", "the UNet on frozen VAE + text encoder"),
+                        ("lora", "a LoRA (kohya format) for an existing checkpoint")):
         p = jobs.add_parser(name, help=help_)
         p.add_argument("--data", required=True, help="image folder (metadata.jsonl or .txt captions)")
         p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, samples/)")
-        p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model architecture")
-        p.add_argument("--size", type=int, default=None, help="training image size (default: the preset's)")
+        if name != "lora":
+            p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model architecture")
+        p.add_argument("--size", type=int, default=None, help="training image size (default: the model's)")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast")
         p.add_argument("--flip", action="store_true", help="random horizontal flips")
         for key, kind in COMMON.items():
@@ -47,13 +50,55 @@ def add_train_command(sub) -> None:
             p.add_argument("--scaling-factor", type=float, default=None,
                            help="latent scale (default: 1 / std of the training latents, measured)")
             p.add_argument("--prompts", nargs="*", default=[], help="prompts for the sample grids")
+        if name == "lora":
+            p.add_argument("--rank", type=int, default=4, help="LoRA rank (kohya's network_dim)")
+            p.add_argument("--text-encoder", action="store_true", help="also train LoRA layers in the text encoder")
+            _fine_tune_arguments(p)
+    _add_dreambooth_command(jobs)
+    from .ti_train import add_embedding_command
+
+    add_embedding_command(jobs)  # textual inversion (sdtorch/ti_train.py)
 
 
-def _train_config(args):
+def _add_dreambooth_command(jobs) -> None:
+    p = jobs.add_parser("dreambooth", help="DreamBooth: fine-tune a checkpoint (or a LoRA) on a few images of a subject")
+    p.add_argument("--instance-data", required=True, help="folder of the subject's images (captions not needed)")
+    p.add_argument("--instance-prompt", required=True, help='caption of every instance image, e.g. "a sks dog"')
+    p.add_argument("--class-prompt", required=True, help='the subject\'s class, e.g. "a dog"')
+    p.add_argument("--class-data", required=True, help="folder of class images; missing ones are generated there")
+    p.add_argument("--num-class-images", type=int, default=100)
+    p.add_argument("--class-steps", type=int, default=25, help="sampler steps per generated class image")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0)
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="fine-tune the text encoder too (with --lora: LoRA layers in it)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK", help="train LoRA layers of this rank instead "
+                   "of the full weights (writes lora.safetensors, kohya format)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, samples/)")
+    p.add_argument("--size", type=int, default=None, help="training image size (default: the model's)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    for key, kind in COMMON.items():
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
+    _fine_tune_arguments(p)
+
+
+def _fine_tune_arguments(p) -> None:
+    """Options of the jobs that start from an existing checkpoint (lora, dreambooth)."""
+    p.add_argument("--checkpoint", "-c", required=True, help="the base model (.safetensors / .ckpt / diffusers folder)")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None, help="the base model's (default: detected)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: rank)")
+    p.add_argument("--layers", default="attn", help="LoRA layers, comma-separated UNet layer groups: attn "
+                   "(to_q/k/v/out), ff (feed-forward), proj (proj_in/out), conv (ResBlock and resampler layers)")
+    p.add_argument("--caption-dropout", type=float, default=0.0)
+    p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="of the written file")
+    p.add_argument("--prompts", nargs="*", default=[], help="prompts for the sample grids")
+
+
+def _train_config(args, **defaults):
     from .train import TrainConfig
 
     given = {k: getattr(args, k) for k in COMMON if getattr(args, k) is not None}
-    return TrainConfig(out=args.out, bf16=args.bf16, **given)
+    return TrainConfig(out=args.out, bf16=args.bf16, **(defaults | given))
 
 
 def _dataset(args, preset: ModelConfig):
@@ -66,6 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .jobs import UNetJob, VAEJob
     from .train import train
 
+    if args.job == "embedding":
+        from .ti_train import train_embedding
+
+        print(*train_embedding(args), sep="\n")
+        return 0
+    if args.job in ("lora", "dreambooth"):
+        print(_train_lora(args) if args.job == "lora" else _train_dreambooth(args))
+        return 0
     preset = PRESETS[args.preset]
     data = _dataset(args, preset)
     cfg = _train_config(args)
@@ -82,6 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         scale = args.scaling_factor or measure_scaling_factor(vae, data)
         preset = replace(preset, vae=replace(preset.vae, scaling_factor=scale), prediction=args.prediction)
         job = UNetJob(preset, vae, clip, caption_dropout=args.caption_dropout, preview_prompts=args.prompts)
+        if not args.flip and data.center_crop:  # items never change: encode them once
+            job.cache_bf16 = args.bf16
+            job.cache_latents(data)
         ema = train(job, data, cfg)
         path = job.export(ema, Path(args.out) / "model.safetensors")
     print(path)
@@ -98,6 +154,79 @@ def _train_clip(args, preset: ModelConfig, data, cfg) -> Path:
     job = ClipJob(preset.clip, tower, preview=preview)
     ema = train(job, data, cfg)
     return job.export(ema, Path(args.out) / "clip.safetensors")
+
+
+def _train_lora(args) -> Path:
+    from .pipeline import DTYPES, load
+    from .train import train
+
+    pipe = load(args.checkpoint, prediction=args.prediction)
+    cfg = _train_config(args)
+    data = _dataset(args, pipe.config)
+    job = _lora_job(args, pipe, cfg, rank=args.rank, text_encoder=args.text_encoder,
+                    metadata={"ss_num_train_images": str(len(data))})
+    ema = train(job, data, cfg)
+    return job.export(ema, Path(args.out) / "lora.safetensors", dtype=DTYPES[args.save_dtype])
+
+
+def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[str, str]):
+    """A new LoRA network (`--alpha`, `--layers`) on the loaded model, as a LoRAJob."""
+    from .jobs import LoRAJob
+    from .lora import new_network
+
+    layers = tuple(g.strip() for g in args.layers.split(",") if g.strip())
+    network = new_network(pipe.unet, pipe.clip, rank=rank, alpha=args.alpha, layers=layers,
+                          text_encoder=text_encoder, generator=torch.Generator().manual_seed(cfg.seed))
+    metadata = {"ss_sd_model_name": Path(args.checkpoint).name, "ss_learning_rate": str(cfg.lr),
+                "ss_max_train_steps": str(cfg.steps), "sdtorch_layers": ",".join(layers)} | metadata
+    return LoRAJob(pipe.config, pipe.unet, pipe.vae, pipe.clip, network, caption_dropout=args.caption_dropout,
+                   preview_prompts=args.prompts, metadata=metadata)
+
+
+def _train_dreambooth(args) -> Path:
+    """Full fine-tuning (model.safetensors) or, with --lora RANK, a LoRA (lora.safetensors)."""
+    from .dreambooth import DreamBoothJob
+    from .jobs import UNetJob
+    from .pipeline import DTYPES, load
+    from .train import train
+
+    pipe = load(args.checkpoint, prediction=args.prediction)
+    # diffusers' DreamBooth example: batches of one subject image (+ one class image), a small constant lr, no EMA.
+    cfg = _train_config(args, steps=400, batch_size=1, warmup=0, ema_decay=0.0, lr=1e-4 if args.lora else 5e-6)
+    data = _dreambooth_data(args, pipe, cfg.seed)
+    if args.lora:
+        inner = _lora_job(args, pipe, cfg, rank=args.lora, text_encoder=args.train_text_encoder,
+                          metadata={"ss_num_train_images": str(len(data)), "ss_num_reg_images": str(len(data.classes))})
+    else:
+        inner = UNetJob(pipe.config, pipe.vae, pipe.clip, unet=pipe.unet, caption_dropout=args.caption_dropout,
+                        preview_prompts=args.prompts, train_text_encoder=args.train_text_encoder)
+    job = DreamBoothJob(inner, prior_loss_weight=args.prior_loss_weight)
+    if not args.flip:  # items never change: encode them once
+        job.unet_job.cache_bf16 = args.bf16
+        job.cache_latents(data)
+    ema = train(job, data, cfg)
+    name = "lora.safetensors" if args.lora else "model.safetensors"
+    return job.export(ema, Path(args.out) / name, dtype=DTYPES[args.save_dtype])
+
+
+def _dreambooth_data(args, pipe, seed: int):
+    """Generate the missing class images (process 0 only, the others wait), then pair them with
+    the instance images."""
+    import torch.distributed as dist
+
+    from .data import ImageCaptionDataset
+    from .dreambooth import DreamBoothDataset, class_images
+    from .train import init_distributed
+
+    size = args.size or pipe.config.sample_size
+    if init_distributed()[0] == 0:
+        class_images(pipe, args.class_data, args.class_prompt, args.num_class_images, size=size, steps=args.class_steps)
+    if dist.is_initialized():
+        dist.barrier()
+    instances = ImageCaptionDataset(args.instance_data, size, flip=args.flip, seed=seed, caption=args.instance_prompt)
+    classes = ImageCaptionDataset(args.class_data, size, flip=args.flip, seed=seed, caption=args.class_prompt)
+    classes.items = classes.items[: args.num_class_images]  # the folder may hold more
+    return DreamBoothDataset(instances, classes, seed=seed)
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -125,6 +254,6 @@ def _load_parts(args, preset: ModelConfig):
 def measure_scaling_factor(vae, data, n: int = 256) -> float:
     """1 / std of posterior-mean latents over (up to) n training images, as the SD authors set
     0.18215 for their autoencoder: diffusion then starts from latents of about unit variance."""
-    images = torch.stack([data[i]["image"] for i in range(min(n, len(data)))])
+    images = torch.stack([data[i]["image"] for i in _spread(len(data), n)])
     z = torch.cat([vae.encode(chunk).mean for chunk in images.split(32)])
     return float(1.0 / z.flatten().std())

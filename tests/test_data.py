@@ -63,6 +63,17 @@ def test_caption_files_layout(tmp_path):
     assert [ds[i]["text"] for i in range(len(ds))] == ["caption of 10_apples/y", "caption of x"]
 
 
+def test_one_caption_for_every_image(jsonl_folder, tmp_path):
+    """caption=: the given text replaces the captions, and bare images need none (DreamBooth)."""
+    ds = ImageCaptionDataset(jsonl_folder, 8, caption="a sks gradient")
+    assert len(ds) == 3 and {ds[i]["text"] for i in range(3)} == {"a sks gradient"}
+    (tmp_path / "bare").mkdir()
+    for name in ("b", "a"):
+        _gradient(12, 12).save(tmp_path / "bare" / f"{name}.png")
+    bare = ImageCaptionDataset(tmp_path / "bare", 8, caption="a sks gradient")
+    assert [p.name for p, _ in bare.items] == ["a.png", "b.png"] and bare[1]["text"] == "a sks gradient"
+
+
 def test_transparency_is_composited_onto_white(tmp_path):
     rgba = np.zeros((10, 10, 4), np.uint8)
     rgba[..., 0] = 255  # red, fully transparent on the left half, half transparent on the right

@@ -149,3 +149,21 @@ def test_the_three_jobs_chain_from_the_command_line(shapes, tmp_path):
     assert main(["generate", "a red circle", "-c", str(model), "--steps", "2", "--width", "32", "--height", "32",
                  "--out", str(tmp_path / "images")]) == 0
     assert len(list((tmp_path / "images").glob("*.png"))) == 1
+
+
+def test_cached_latents_give_the_loss_of_encoding_every_step(shapes):
+    """UNetJob.cache_latents (fixed datasets): the same z0 and loss as running the encoder."""
+    from sdtorch.train import collate
+
+    data = ImageCaptionDataset(shapes, 32)
+    torch.manual_seed(0)
+    vae, clip = AutoencoderKL(TINY.vae), ClipTextModel(TINY.clip)
+    job = UNetJob(replace(TINY, sample_size=32), vae, clip)
+    batch = collate([data[i] for i in (5, 0, 3)]) | {"models": job.modules}
+    seeds = torch.tensor([11, 12, 13])
+    plain = job.loss(batch, seeds)[0]
+    job.cache_latents(data, chunk=3)
+    assert job.latent_cache[0].shape == (len(data), 4, 16, 16)
+    cached = job.loss(batch, seeds)[0]
+    assert cached.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert job.loss(batch, torch.tensor([11, 12, 14]))[0].item() != pytest.approx(plain.item(), rel=1e-5)
