@@ -23,8 +23,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lora_spec(text: str) -> tuple[str, float]:
+    """`PATH[:STRENGTH]` -> (path, strength); a colon inside the path (C:\\...) stays part of it."""
+    path, sep, strength = text.rpartition(":")
+    try:
+        return (path, float(strength)) if sep and path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", "-c", required=True, help=".safetensors / .ckpt file or diffusers folder")
+    p.add_argument("--checkpoint", "-c", default=None,
+                   help=".safetensors / .ckpt file or diffusers folder (default: the built-in 64x64 emoji model)")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m_karras", help=f"one of: {', '.join(samplers.SAMPLERS)}")
@@ -36,6 +46,40 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: detected/guessed")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="apply a LoRA file (kohya/A1111/ComfyUI/Civitai or diffusers format) with a "
+                   "strength (default 1); repeatable")
+    p.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="folder the prompt's <lora:NAME:STRENGTH> tags are looked up in")
+    _memory_options(p)
+
+
+def _memory_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction, default=None,
+                   help="VAE decode/encode in overlapping tiles, in bounded memory (default: for images "
+                   "over 1024x1024 with SD's VAE)")
+    p.add_argument("--tile-size", type=_positive_int, default=None, metavar="N",
+                   help="VAE tile side in latent cells (default 64: 512 pixels for SD)")
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="N", help="cells tiles share (default 16)")
+    p.add_argument("--attention-chunk", type=int, default=0, metavar="N",
+                   help="UNet attention over N query positions at a time (default 0: all at once)")
+
+
+def _set_memory_options(pipe, args: argparse.Namespace) -> None:
+    tile = args.tile_size or pipe.vae_tile[0]
+    overlap = pipe.vae_tile[1] if args.tile_overlap is None else args.tile_overlap
+    if not 0 <= overlap < tile:
+        raise ValueError(f"--tile-overlap must be in [0, tile size {tile}), got {overlap}")
+    pipe.tile_vae, pipe.vae_tile = args.tile_vae, (tile, overlap)
+    pipe.attention_chunk = args.attention_chunk
+
+
+def _prompt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-syntax", choices=["a1111", "plain"], default="a1111",
+                   help="a1111: (emphasis:1.2), [less], BREAK, <lora:...>, prompts past 75 tokens; "
+                   "plain: the reference's encoding, truncated at 77 tokens")
+    p.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings (.pt/.safetensors); "
+                   "a file's stem is its trigger word")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("prompt")
     _common(gen)
+    _prompt_options(gen)
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--process", metavar="FILE", help="also save the predicted clean image of every step: "
@@ -67,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     att = sub.add_parser("attention", help="generate and save per-token cross-attention maps")
     att.add_argument("prompt")
     _common(att)
+    _prompt_options(att)
     att.add_argument("--width", type=int, default=None)
     att.add_argument("--height", type=int, default=None)
 
@@ -75,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     i2i.add_argument("prompt")
     i2i.add_argument("--strength", type=float, default=0.75, help="0 = keep the image, 1 = ignore it")
     _common(i2i)
+    _prompt_options(i2i)
 
     inp = sub.add_parser("inpaint", help="repaint the white part of a mask, or extend the canvas")
     inp.add_argument("image")
@@ -83,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--extend", metavar="L,R,T,B", help="outpaint: pixels to add left,right,top,bottom")
     inp.add_argument("--strength", type=float, default=1.0)
     _common(inp)
+    _prompt_options(inp)
 
     info = sub.add_parser("info", help="what a checkpoint is")
     info.add_argument("path")
@@ -107,7 +155,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if hasattr(args, "strength") and not 0 <= args.strength <= 1:
         raise ValueError(f"strength must be in [0, 1], got {args.strength}")
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype)
-    print(f"model: {args.checkpoint} (prediction {pipe.config.prediction}: {pipe.prediction_source})", file=sys.stderr)
+    _set_memory_options(pipe, args)
+    for spec in args.lora:
+        pipe.load_lora(*_lora_spec(spec))
+    if args.lora_dir:
+        pipe.set_lora_dir(args.lora_dir)
+    if args.command != "edit":  # editing encodes plainly (its token alignment is of plain tokens)
+        pipe.prompt_syntax = args.prompt_syntax
+        if args.embeddings:
+            print(f"embeddings: {', '.join(pipe.load_embeddings(args.embeddings)) or 'none'}", file=sys.stderr)
+    name = args.checkpoint or "built-in emoji model"
+    print(f"model: {name} (prediction {pipe.config.prediction}: {pipe.prediction_source})", file=sys.stderr)
     seed = random.randrange(2**32) if args.seed is None else args.seed
     options = dict(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=seed,
                    batch_size=args.batch, eta=args.eta, clip_skip=args.clip_skip)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from sdtorch.config import ClipConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
 
-
 # Configs: sdtorch field -> diffusers / transformers config key, for the fields that map 1:1.
 # A key missing from a config dict takes the sdtorch default, which is also the diffusers default.
 

@@ -54,7 +54,7 @@ def attention_grid(image: Image.Image, maps: torch.Tensor, labels: list[str], co
 def process_strip(frames: list[Image.Image], sigmas: list[float], max_frames: int = 10) -> Image.Image:
     """Every k-th predicted clean image (always the last), labelled with its noise level."""
     idx = sorted({round(i * (len(frames) - 1) / max(1, max_frames - 1)) for i in range(min(max_frames, len(frames)))})
-    return row([frames[i] for i in idx], [f"σ={sigmas[i]:.2f}" for i in idx])
+    return row([frames[i] for i in idx], [f"s={sigmas[i]:.2f}" for i in idx])
 
 
 def save_process(frames: list[Image.Image], sigmas: list[float], path: str | Path) -> Path:

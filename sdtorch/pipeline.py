@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import checkpoint, samplers
+from . import checkpoint, lora, samplers, tiling
 from .clip import ClipTextModel
 from .config import ModelConfig, Prediction
 from .denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
+from .embeddings import load_embeddings
 from .images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
+from .prompts import Chunk, embedding_lookup, encode_chunks, extract_loras, pad_to_same_length, tokenize_prompt
 from .tokenizer import ClipTokenizer
-from .unet import UNetModel
+from .unet import CrossAttention, UNetModel
 from .vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,15 @@ class Pipeline:
         self.path = path
         self.prediction_source = prediction_source
         self._hash: str | None = None
+        self.prompt_syntax = "a1111"  # or "plain": the reference's tokens, truncated to 77
+        self.embeddings: dict[str, torch.Tensor] = {}  # textual inversion: trigger word -> (n, width)
+        # lora_loader([(name, multiplier)]) makes exactly those LoRAs active; None: no LoRA directory
+        self.lora_loader: Callable[[list[tuple[str, float]]], None] | None = None
+        self.loras = lora.LoRAStack(unet, clip)  # LoRAs applied now, in order (`load_lora`)
+        # The VAE in overlapping tiles (sdtorch.tiling): True, False, or None = for images of more
+        # than tiling.AUTO_CELLS latent cells; tile size and overlap in latent cells.
+        self.tile_vae: bool | None = None
+        self.vae_tile = (tiling.TILE, tiling.OVERLAP)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,11 +83,71 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.unet.time_embed[0].weight.device
 
+    @property
+    def attention_chunk(self) -> int:
+        """Query positions per UNet attention call, 0 = all at once (`unet.chunked_attention`)."""
+        return next((m.chunk for m in self.unet.modules() if isinstance(m, CrossAttention)), 0)
+
+    @attention_chunk.setter
+    def attention_chunk(self, n: int) -> None:
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"attention chunk must be a non-negative integer (0 = off), got {n!r}")
+        for m in self.unet.modules():
+            if isinstance(m, CrossAttention):
+                m.chunk = n
+
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
-        """prompts -> text states (B, 77, width) that condition the UNet."""
-        tokens = self.tokenizer(prompts, pad_id=self.config.clip.pad_token_id).to(self.device)
-        return self.clip(tokens, clip_skip).float()
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None, *,
+                      syntax: str | None = None) -> torch.Tensor:
+        """prompts -> text states (B, 77·k, width) that condition the UNet.
+
+        syntax (default `self.prompt_syntax`): "a1111" reads AUTOMATIC1111's emphasis, BREAK,
+        textual-inversion names and prompts of any length in chunks of 75 tokens (see
+        `sdtorch.prompts`; `<lora:...>` tags are dropped here, `generate` applies them); "plain"
+        is the reference's encoding, truncated to 77 tokens (k = 1). A prompt of at most 75
+        tokens without special syntax gives the same states either way, bit for bit.
+        """
+        syntax = syntax or self.prompt_syntax
+        pad = self.config.clip.pad_token_id
+        if syntax == "plain":
+            tokens = self.tokenizer(prompts, pad_id=pad).to(self.device)
+            return self.clip(tokens, clip_skip).float()
+        if syntax != "a1111":
+            raise ValueError(f"prompt syntax must be 'a1111' or 'plain', got {syntax!r}")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a str or a list of str, got {prompts!r}")
+        empty = tokenize_prompt("", self.tokenizer, pad_id=pad)[0]
+        return encode_chunks(self.clip, [self.prompt_chunks(p) for p in prompts], empty, clip_skip)
+
+    def prompt_chunks(self, prompt: str) -> list[Chunk]:
+        """A prompt in a1111 syntax as the chunks of 77 tokens `encode_prompt` encodes (LoRA tags
+        removed; textual-inversion slots carry their vectors)."""
+        pad = self.config.clip.pad_token_id
+        lookup = embedding_lookup(self.embeddings, self.tokenizer, pad)
+        return tokenize_prompt(extract_loras(prompt)[0], self.tokenizer, pad_id=pad, lookup=lookup)
+
+    def load_embeddings(self, path: str | Path) -> list[str]:
+        """Add textual-inversion embeddings from a file or a folder (file stem = trigger word);
+        returns the trigger words added. Folder files of another model family are skipped."""
+        found = load_embeddings(path, width=self.config.clip.width)
+        self.embeddings.update(found)
+        return list(found)
+
+    def conditioning(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond), each (B, 77·k, width) with the same k, after handing the prompt's
+        LoRA tags to `lora_loader` (a1111 syntax; as A1111, only the prompt's tags apply)."""
+        if self.prompt_syntax == "a1111":
+            loras = extract_loras(params.prompt)[1]
+            if self.lora_loader is not None:
+                self.lora_loader(loras)
+            elif loras:
+                raise ValueError(f"prompt names LoRA {loras[0][0]!r} but no LoRA directory was given")
+        cond = self.encode_prompt([params.prompt] * params.batch_size, params.clip_skip)
+        uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
+        if cond.shape[1] != uncond.shape[1]:
+            cond, uncond = pad_to_same_length(cond, uncond, self.encode_prompt([""], params.clip_skip))
+        return cond, uncond
 
     def denoiser(self, cfg_scale: float, quantize: bool = False, unet_wrap: Callable | None = None) -> CFGDenoiser:
         """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32.
@@ -91,8 +162,7 @@ class Pipeline:
     def _sample(self, params: GenerationParams, generator: torch.Generator, noise: torch.Tensor,
                 callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
                 start: int = 0, unet_wrap: Callable | None = None, blend: tuple | None = None) -> torch.Tensor:
-        cond = self.encode_prompt([params.prompt] * params.batch_size, params.clip_skip)
-        uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
+        cond, uncond = self.conditioning(params)
 
         def make_model(quantize: bool):
             model = self.denoiser(params.cfg_scale, quantize, unet_wrap)
@@ -121,7 +191,12 @@ class Pipeline:
     def encode_image(self, image: torch.Tensor, generator: torch.Generator, batch_size: int) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> scaled latents (batch_size, 4, h, w): one posterior sample,
         repeated for the batch (as the reference does)."""
-        z = self.vae.encode(image.to(self.device)).sample(generator) * self.config.vae.scaling_factor
+        image = image.to(self.device)
+        if self._tiled(None, image.shape[-2] * image.shape[-1] // self.vae.downscale**2):
+            posterior = tiling.tiled_encode(self.vae, image, tile=self.vae_tile[0], overlap=self.vae_tile[1])
+        else:
+            posterior = self.vae.encode(image)
+        z = posterior.sample(generator) * self.config.vae.scaling_factor
         return z.repeat(batch_size, 1, 1, 1)
 
     @torch.no_grad()
@@ -163,10 +238,19 @@ class Pipeline:
         return small * x + (1 - small) * known  # exact outside the mask (in latent space)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1]."""
-        image = self.vae.decode(latents / self.config.vae.scaling_factor)
+    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1]. tiled: decode in overlapping tiles of
+        `vae_tile` (sdtorch.tiling); None: as `tile_vae` says."""
+        z = latents / self.config.vae.scaling_factor
+        if self._tiled(tiled, z.shape[-2] * z.shape[-1]):
+            image = tiling.tiled_decode(self.vae, z, tile=self.vae_tile[0], overlap=self.vae_tile[1])
+        else:
+            image = self.vae.decode(z)
         return (image / 2 + 0.5).clamp(0, 1)
+
+    def _tiled(self, tiled: bool | None, cells: int) -> bool:
+        tiled = self.tile_vae if tiled is None else tiled
+        return cells > tiling.AUTO_CELLS if tiled is None else tiled
 
     def generate(self, prompt: str, negative_prompt: str = "", *, steps: int = 20,
                  sampler: str = "dpmpp_2m_karras", cfg_scale: float = 7.5, seed: int | None = None,
@@ -225,6 +309,9 @@ class Pipeline:
         f = self.vae.downscale
         maps = store.maps((images[0].height // f, images[0].width // f))
         ids = self.tokenizer.encode(prompt)[: self.config.clip.max_length - 2]
+        if self.prompt_syntax == "a1111":  # the first chunk's tokens, as encoded
+            first = self.prompt_chunks(prompt)[0].tokens
+            ids = first[1 : first.index(self.tokenizer.eos_id)]
         labels = [self.tokenizer.decode([i]).strip() or "?" for i in ids]
         return images, maps[:, 1 : 1 + len(ids)], labels
 
@@ -265,6 +352,24 @@ class Pipeline:
         seed = random.randrange(2**32) if seed is None else seed
         return GenerationParams(prompt, negative, width=pixels.shape[-1], height=pixels.shape[-2],
                                 seed=seed, extra=extra, **options)
+
+    def load_lora(self, path: str | Path, strength: float = 1.0, *, merge: bool = False) -> lora.Applied:
+        """Apply a LoRA file (kohya / A1111 / ComfyUI / Civitai, or diffusers / PEFT format) to the
+        UNet and text encoder with `strength`; several stack. Dynamic (forward hooks) by default;
+        merge=True folds it into the weights (`self.loras.merge/unmerge` switch later)."""
+        network = lora.load(path, self.unet, self.clip, dtype=self.dtype, device=self.device)
+        return self.loras.add(network, strength, merge=merge)
+
+    def set_lora_dir(self, directory: str | Path) -> None:
+        """Resolve the prompt's `<lora:NAME:STRENGTH>` tags in `directory` (AUTOMATIC1111's Lora
+        folder): each generation makes exactly the LoRAs its prompt names active."""
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"LoRA directory not found: {directory}")
+        self.lora_loader = lora.PromptLoRAs(self, directory)
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA; merged ones are unmerged and the weights restored bit for bit."""
+        self.loras.clear()
 
     def _images(self, params: GenerationParams, latents: torch.Tensor) -> list[Image.Image]:
         text = self.infotext(params)
@@ -343,13 +448,23 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, *, config: ModelConfig | None = None, prediction: Prediction | None = None,
-         dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> Pipeline:
-    """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder.
+BUILTIN = Path(__file__).parent / "data" / "emoji.safetensors"
+
+
+def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
+         prediction: Prediction | None = None, dtype: torch.dtype | str = torch.float32,
+         device: str | torch.device = "cpu") -> Pipeline:
+    """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder; with no path,
+    the built-in emoji model shipped in the package (64x64, trained by `scripts/train_builtin.sh`).
 
     The model is detected from the keys and shapes unless `config` is given; the prediction type
     (eps / v) can be given, else it is read from the file's metadata or guessed (and logged).
     """
+    if path is None:
+        if not BUILTIN.exists():
+            raise FileNotFoundError(f"the built-in model {BUILTIN} is missing from this installation; "
+                                    "reinstall sdtorch or pass a checkpoint")
+        path = BUILTIN
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     ckpt = checkpoint.read(path, config=config, prediction=prediction)
     cfg = ckpt.config

@@ -10,8 +10,9 @@ Stochastic samplers draw their noise with one `torch.randn(x.shape, generator=..
 where diffusers draws it, so a seeded generator reproduces diffusers' images.
 
 Each sampler reproduces the diffusers scheduler of the same name on its grid (for v models PLMS
-needs `combine="v"`, see `sample_plms`); tests/test_sampler_parity.py holds them to it. In sigma space several coincide: DDIM(eta) is the ancestral Euler
-step with sigma_up scaled by eta, DDPM is DDIM with eta = 1, PNDM's step is an Euler step on eps.
+needs `combine="v"`, see `sample_plms`); tests/test_sampler_parity.py holds them to it. In sigma space
+several coincide: DDIM(eta) is the ancestral Euler step with sigma_up scaled by eta, DDPM is DDIM
+with eta = 1, PNDM's step is an Euler step on eps.
 
 How the denoiser gets built (`sample`): whether the UNet sees the exact fractional timestep of
 a sigma or the nearest integer one is part of what a diffusers scheduler does (DDIM, PNDM, DDPM,

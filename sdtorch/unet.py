@@ -72,6 +72,8 @@ class CrossAttention(nn.Module):
         # hook(module, q, k, v) -> (B, heads, N, d). None: plain scaled-dot-product attention.
         self.hook = None
         self.is_cross = context_dim is not None
+        # Query positions per attention call (0: all at once); see `chunked_attention`.
+        self.chunk = 0
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context  # x: (B, N, C), ctx: (B, L, C')
@@ -79,8 +81,24 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
         k = self.to_k(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v) if self.hook is None else self.hook(self, q, k, v)
+        # A hook sees whole layers (prompt-to-prompt matches layers by call order), unchunked.
+        out = chunked_attention(q, k, v, self.chunk) if self.hook is None else self.hook(self, q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Scaled-dot-product attention over `chunk` query positions at a time (0: all at once):
+    q (B, heads, N, d), k and v (B, heads, L, d) -> (B, heads, N, d). Each query's output depends on
+    its own row of scores only, so chunking changes nothing but memory: a kernel that materialises
+    the (N, L) scores holds `chunk` rows of them. (PyTorch's fused CPU and CUDA kernels hold only
+    small blocks anyway: there chunking saves nothing.)"""
+    n = q.shape[-2]
+    if not chunk or chunk >= n:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    for i in range(0, n, chunk):
+        out[..., i : i + chunk, :] = F.scaled_dot_product_attention(q[..., i : i + chunk, :], k, v)
+    return out
 
 
 class GEGLU(nn.Module):

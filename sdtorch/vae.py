@@ -14,8 +14,20 @@ from .config import VAEConfig
 from .unet import GroupNorm32
 
 
+class Norm(GroupNorm32):
+    """GroupNorm (in float32) whose statistics tiled decoding can record or replace
+    (sdtorch.tiling sets `hook(module, x) -> normalised x`; None: plain GroupNorm)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__(groups, channels, eps=1e-6)
+        self.hook = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.hook is None else self.hook(self, x)
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return GroupNorm32(groups, channels, eps=1e-6)
+    return Norm(channels, groups)
 
 
 class ResnetBlock(nn.Module):
@@ -110,12 +122,24 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.latent_part(self.pixel_part(x))
+
+    def pixel_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers above latent resolution, up to the last downsampling: (B, 3, H, W) ->
+        (B, C, H/f, W/f). Their activations grow with the image (tiled encoding tiles these)."""
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
             if hasattr(level, "downsample"):
+                for block in level.block:
+                    h = block(h)
                 h = level.downsample(h)
+        return h
+
+    def latent_part(self, h: torch.Tensor) -> torch.Tensor:
+        """The layers at latent resolution: the last level's blocks, the mid block (attention
+        over all positions), the output. Cheap in memory at any image size."""
+        for block in self.down[-1].block:
+            h = block(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
@@ -138,8 +162,23 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.pixel_part(self.latent_part(z))
+
+    def latent_part(self, z: torch.Tensor) -> torch.Tensor:
+        """The layers at latent resolution: conv_in, the mid block (attention over all
+        positions), the lowest level's blocks. Cheap in memory at any image size."""
         h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
+        for block in self.up[-1].block:
+            h = block(h)
+        return h
+
+    def pixel_part(self, h: torch.Tensor) -> torch.Tensor:
+        """From the first upsampling on: (B, C, h, w) -> (B, 3, h*f, w*f). Their activations grow
+        with the image (tiled decoding tiles these)."""
+        *rest, lowest = self.up  # its blocks ran in latent_part
+        if hasattr(lowest, "upsample"):
+            h = lowest.upsample(h)
+        for level in reversed(rest):
             for block in level.block:
                 h = block(h)
             if hasattr(level, "upsample"):

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 from sdtorch.checkpoint import CheckpointError, load_strict, read_state_dict
 from sdtorch.clip import ClipTextModel
-from sdtorch.clip_train import (ClipJob, ClipModel, ImageTowerConfig, contrastive_loss, load_clip_model,
-                                 load_text_encoder)
+from sdtorch.clip_train import ClipJob, ClipModel, ImageTowerConfig, contrastive_loss, load_clip_model, load_text_encoder
 from sdtorch.config import TINY
 from sdtorch.data import ImageCaptionDataset
 from sdtorch.tokenizer import ClipTokenizer
