@@ -19,6 +19,14 @@ sdtorch train clip --data "$data" --out "$run/clip" --preset emoji --bf16 \
 
 sdtorch train unet --data "$data" --out "$run/unet" --preset emoji --bf16 \
     --vae "$run/vae/vae.safetensors" --clip "$run/clip/clip.safetensors" --prediction eps \
-    --steps "${UNET_STEPS:-1800}" --batch-size 32 --lr 2e-4 --warmup 200 --ema-decay 0.999 \
-    --caption-dropout 0.1 --save-every 200 --sample-every 300 --log-every 20 \
+    --steps "${UNET_STEPS:-3500}" --batch-size 32 --lr 3e-4 --warmup 200 --ema-decay 0.999 \
+    --caption-dropout 0.1 --save-every 100 --sample-every 500 --log-every 20 \
     --prompts "red apple" "grinning face" "flag of Japan" "dog face" "tent" "red heart" "sun" "pizza"
+
+# The shipped file: the EMA weights in fp16 (51.9 MB), config in the metadata.
+python - "$run/unet/model.safetensors" "${BUILTIN_OUT:-sdtorch/data/emoji.safetensors}" <<'PY'
+import sys, torch, sdtorch
+from sdtorch import checkpoint
+pipe = sdtorch.load(sys.argv[1])
+print(checkpoint.save(sys.argv[2], pipe.unet, pipe.vae, pipe.clip, pipe.config, dtype=torch.float16))
+PY
