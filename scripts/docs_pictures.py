@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 import sdtorch
 from sdtorch.pictures import attention_grid, process_strip, row
 
-PROMPTS = ["red apple", "grinning face", "dog face", "tent", "red heart", "sun", "pizza", "flag of Japan"]
+PROMPTS = ["woman running facing right", "grinning face", "man pilot", "waving hand", "red heart", "flag of Italy",
+           "person lifting weights", "snowman"]
 
 
 def main() -> None:
@@ -32,20 +33,21 @@ def main() -> None:
     row(samples, PROMPTS, cols=8).save(args.out / "samples.png")
 
     source = samples[0]
-    outs = [pipe.img2img(source, "green apple", strength=s, sampler="ddim", **opts)[0] for s in (0.3, 0.5, 0.7)]
+    outs = [pipe.img2img(source, "man running facing right", strength=s, sampler="ddim", **opts)[0]
+            for s in (0.3, 0.5, 0.7)]
     row([source] + outs, ["input", "0.3", "0.5", "0.7"]).save(args.out / "img2img.png")
 
     mask = Image.new("L", source.size, 0)
     w, h = source.size
     ImageDraw.Draw(mask).rectangle((w // 2, 0, w - 1, h - 1), fill=255)
-    painted = pipe.inpaint(source, mask, "grinning face", sampler="ddim", **opts)[0]
-    row([source, mask.convert("RGB"), painted], ["input", "mask", "inpainted"]).save(args.out / "inpaint.png")
+    painted = pipe.inpaint(samples[1], mask, "grinning face", sampler="ddim", **opts)[0]
+    row([samples[1], mask.convert("RGB"), painted], ["input", "mask", "inpainted"]).save(args.out / "inpaint.png")
 
-    src, edited = pipe.edit("red apple", "green apple", sampler="ddim", **opts)
-    fresh = pipe.generate("green apple", sampler="ddim", **opts)[0]
-    row([src, edited, fresh], ["red apple", "edit: green", "green, no edit"]).save(args.out / "edit.png")
+    src, edited = pipe.edit("woman running facing right", "man running facing right", sampler="ddim", **opts)
+    fresh = pipe.generate("man running facing right", sampler="ddim", **opts)[0]
+    row([src, edited, fresh], ["woman", "edit: man", "man, no edit"]).save(args.out / "edit.png")
 
-    images, maps, labels = pipe.attention("a red apple and a tent", sampler="ddim", **opts)
+    images, maps, labels = pipe.attention("woman running facing right", sampler="ddim", **opts)
     attention_grid(images[0], maps[0], labels).save(args.out / "attention.png")
 
     _, frames, sigmas = pipe.process("grinning face", sampler="dpmpp_2m", **opts)
