@@ -13,10 +13,12 @@ What still differs from the untiled result: the receptive field of pixels near a
 cut (the blending hides that), and each GroupNorm normalises with the statistics of its input,
 which for a tile are not the image's. `norm` chooses the statistics:
   "tile":     each tile's own: tiles of a non-uniform image shift in colour against each other;
-  "estimate": every layer's statistics measured once on the whole image subsampled (every k-th
-              cell) to one tile, then used for all tiles, so they agree (the multidiffusion tiled
-              VAE's "fast decoder" does this on a downscaled image; subsampling keeps the cells'
-              value distribution, which averaging narrows, and so estimates the variances better).
+  "estimate": every layer's statistics measured once on the whole image scaled down to at most
+              `stats` cells a side (nearest-neighbour subsampling for latents, area averaging for
+              pixels), then used for all tiles, so they agree (the multidiffusion tiled VAE's
+              "fast decoder" does this on a downscaled image). Images of at most `stats` cells get
+              their exact statistics; larger ones an estimate that improves with `stats`, whose
+              pass costs as much memory as an untiled image of that size.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from .vae import AutoencoderKL, DiagonalGaussian, Norm
 
@@ -36,6 +39,7 @@ NormMode = Literal["tile", "estimate"]
 # automatically for images of more than AUTO_CELLS cells (1024x1024 pixels for SD).
 TILE, OVERLAP = 64, 16
 AUTO_CELLS = 128 * 128
+STATS = 128  # the statistics pass of norm="estimate" sees at most 128 x 128 cells
 
 
 @dataclass(frozen=True)
@@ -130,22 +134,21 @@ class NormStats:
         return y.mul_(m.weight.float()[:, None, None]).add_(m.bias.float()[:, None, None]).to(x.dtype)
 
 
-def _subsampled(x: torch.Tensor, tile: int, scale: int) -> torch.Tensor:
-    """x (a grid of cells, `scale` pixels each) subsampled (nearest neighbour) to at most `tile`
-    cells a side."""
+def _shrunk(x: torch.Tensor, side: int, scale: int, mode: str) -> torch.Tensor:
+    """x (a grid of cells, `scale` pixels each) scaled down to at most `side` cells a side."""
     cells = (x.shape[-2] // scale, x.shape[-1] // scale)
-    k = max(cells) / tile
+    k = max(cells) / side
     if k <= 1:
         return x
-    rows, cols = (((torch.arange(n) + 0.5) * (c * scale) / n).long().to(x.device)  # pixel centres
-                  for n, c in ((max(1, round(c / k)) * scale, c) for c in cells))
-    return x[..., rows, :][..., cols]
+    return F.interpolate(x, size=tuple(max(1, round(c / k)) * scale for c in cells), mode=mode)
 
 
 def _run_tiled(vae: AutoencoderKL, fn: Callable, x: torch.Tensor, grid: list[Tile], norm: NormMode, *,
-               scale_in: int, scale_out: int, tile: int) -> torch.Tensor:
+               scale_in: int, scale_out: int, stats: int, shrink: str) -> torch.Tensor:
     if norm not in ("tile", "estimate"):
         raise ValueError(f"norm must be 'tile' or 'estimate', got {norm!r}")
+    if stats < 1:
+        raise ValueError(f"stats must be >= 1 cell, got {stats}")
     if norm == "tile" or len(grid) == 1:
         return tiled_map(fn, x, grid, scale_in=scale_in, scale_out=scale_out)
     hook = NormStats()
@@ -153,7 +156,7 @@ def _run_tiled(vae: AutoencoderKL, fn: Callable, x: torch.Tensor, grid: list[Til
     for m in norms:
         m.hook = hook
     try:
-        fn(_subsampled(x, tile, scale_in))  # records every layer's statistics
+        fn(_shrunk(x, stats, scale_in, shrink))  # records every layer's statistics
         hook.recording = False
         return tiled_map(fn, x, grid, scale_in=scale_in, scale_out=scale_out)
     finally:
@@ -163,18 +166,19 @@ def _run_tiled(vae: AutoencoderKL, fn: Callable, x: torch.Tensor, grid: list[Til
 
 @torch.no_grad()
 def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, *, tile: int = 64, overlap: int = 16,
-                 norm: NormMode = "estimate") -> torch.Tensor:
+                 norm: NormMode = "estimate", stats: int = STATS) -> torch.Tensor:
     """vae.decode in tiles of at most `tile` latent cells a side, sharing at least `overlap`:
     unscaled latents (B, 4, h, w) -> image (B, 3, h*f, w*f) in about [-1, 1]. A latent that fits
     in one tile is decoded exactly as vae.decode does."""
     h = vae.decoder.latent_part(vae.post_quant_conv(z.to(vae.quant_conv.weight.dtype)))
     grid = tiles(h.shape[-2], h.shape[-1], tile, overlap)
-    return _run_tiled(vae, vae.decoder.pixel_part, h, grid, norm, scale_in=1, scale_out=vae.downscale, tile=tile)
+    return _run_tiled(vae, vae.decoder.pixel_part, h, grid, norm, scale_in=1, scale_out=vae.downscale, stats=stats,
+                      shrink="nearest-exact")
 
 
 @torch.no_grad()
 def tiled_encode(vae: AutoencoderKL, x: torch.Tensor, *, tile: int = 64, overlap: int = 16,
-                 norm: NormMode = "estimate") -> DiagonalGaussian:
+                 norm: NormMode = "estimate", stats: int = STATS) -> DiagonalGaussian:
     """vae.encode in tiles of at most `tile` latent cells a side (tile * f pixels), sharing at
     least `overlap` cells: x (B, 3, H, W) in [-1, 1], H and W multiples of f -> the posterior
     over unscaled latents (B, 4, H/f, W/f)."""
@@ -183,5 +187,5 @@ def tiled_encode(vae: AutoencoderKL, x: torch.Tensor, *, tile: int = 64, overlap
         raise ValueError(f"tiled encoding needs sides that are multiples of {f}, got {tuple(x.shape[-2:])}")
     grid = tiles(x.shape[-2] // f, x.shape[-1] // f, tile, overlap)
     x = x.to(vae.quant_conv.weight.dtype)
-    h = _run_tiled(vae, vae.encoder.pixel_part, x, grid, norm, scale_in=f, scale_out=1, tile=tile)
+    h = _run_tiled(vae, vae.encoder.pixel_part, x, grid, norm, scale_in=f, scale_out=1, stats=stats, shrink="area")
     return DiagonalGaussian(vae.quant_conv(vae.encoder.latent_part(h.to(x.dtype))).float())

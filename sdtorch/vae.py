@@ -58,7 +58,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (p(y).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))  # (B,1,HW,C)
+        # (B, 1, HW, C), contiguous: PyTorch's CPU kernel falls back to one that holds all (HW)^2
+        # scores (17 GB at 2048x2048 pixels) when it is given the channels-first layout's view.
+        q, k, v = (p(y).flatten(2).transpose(1, 2)[:, None].contiguous() for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
