@@ -1,18 +1,26 @@
 """sdtorch vs diffusers on the same random SD 1.5 weights, side by side, on this machine.
 
-    python benchmarks/speed.py [--steps 3] [--size 512]
+    python benchmarks/speed.py [--steps 4] [--size 512] [--configs ...]
 
 Builds (once, cached in --cache) a random-weight SD 1.5 diffusers folder and its original-layout
-single file, then runs each configuration in a fresh process so peak memory is its own:
+single file in fp16 (2.1 GB, as the files people download), then runs each configuration in a
+fresh process so peak memory is its own:
 
-- load: seconds from nothing to a ready pipeline (diffusers: `from_single_file`).
+- load: seconds from `import` of the library to a ready pipeline built from the fp16 single file
+  (diffusers: `StableDiffusionPipeline.from_single_file`, upcast to the configuration's dtype);
+  first step: from the same start to the end of the first denoising step.
 - step: seconds per guided denoising step (batch 1, CFG on = a UNet batch of 2) with the Euler
   sampler on both sides (one UNet call per step), the median of the gaps between consecutive
-  step callbacks (the first step, a warm-up, is not inside any gap).
-- decode: seconds for the VAE decode of the final latents.
+  step callbacks (the first step, a warm-up and for "compiled" the compilation, is in no gap);
+  TFLOP/s: the UNet's FLOPs per step (PyTorch's FlopCounterMode: matmuls, convolutions,
+  attention) over that time.
+- decode: seconds for the VAE decode of the final latents (second of two decodes).
 - peak RSS: the process's maximum resident memory over load + generation + decode.
 
-Ratios are sdtorch / diffusers fp32 (and / diffusers bf16 for sdtorch bf16); below 1 is better.
+Configurations: diffusers fp32 and bf16 (autocast, as its docs advise for CPUs), sdtorch fp32,
+bf16 (bfloat16 weights, channels-last, norms and sampler state in fp32) and bf16 compiled
+(the same through torch.compile). Ratios: against diffusers fp32 ("/d32") and diffusers bf16
+("/d16"); below 1 is better.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-CONFIGS = ["diffusers-fp32", "diffusers-bf16", "sdtorch-fp32", "sdtorch-bf16"]
+CONFIGS = ["diffusers-fp32", "diffusers-bf16", "sdtorch-fp32", "sdtorch-bf16", "sdtorch-bf16-compiled"]
 
 
 def build(cache: Path) -> tuple[Path, Path]:
@@ -38,25 +45,50 @@ def build(cache: Path) -> tuple[Path, Path]:
 
     from sdtorch.config import SD15
 
-    folder, ckpt = cache / "sd15-diffusers", cache / "sd15.safetensors"
+    folder, ckpt32, ckpt = cache / "sd15-diffusers", cache / "sd15.safetensors", cache / "sd15-fp16.safetensors"
     if not (folder / "model_index.json").exists():
         build_reference_folder(SD15, folder)
+    if not ckpt32.exists():
+        write_original_checkpoint(folder, ckpt32)
     if not ckpt.exists():
-        write_original_checkpoint(folder, ckpt)
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: v.half() for k, v in load_file(ckpt32).items()}, ckpt)
     return folder, ckpt
 
 
+def unet_flops(size: int) -> float:
+    """FLOPs of one guided SD 1.5 UNet call (batch 2) at size x size, counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdtorch.config import SD15
+    from sdtorch.unet import UNetModel
+
+    with torch.device("meta"):
+        unet = UNetModel(SD15.unet)
+        x, context = torch.empty(2, 4, size // 8, size // 8), torch.empty(2, 77, 768)
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.tensor([500.0]), context)
+    return counter.get_total_flops()
+
+
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's peak resident memory (VmHWM: unlike getrusage's ru_maxrss, it is not
+    inherited from the parent process that started this one)."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20  # kB -> GB
 
 
 def run_diffusers(ckpt: Path, folder: Path, dtype: str, steps: int, size: int) -> dict:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     t0 = time.perf_counter()
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(folder), local_files_only=True,
-                                                    safety_checker=None, requires_safety_checker=False)
+                                                    safety_checker=None, requires_safety_checker=False,
+                                                    torch_dtype=torch.float32)
     load = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # one UNet call per step
@@ -70,50 +102,67 @@ def run_diffusers(ckpt: Path, folder: Path, dtype: str, steps: int, size: int) -
         latents = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=7.5,
                        generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
                        callback_on_step_end=on_step).images
-        t1 = time.perf_counter()
-        pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
-        decode = time.perf_counter() - t1
-    return {"load": load, "step": statistics.median(b - a for a, b in zip(stamps, stamps[1:])), "decode": decode}
+        decode = _decode_time(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor))
+    return _timings(t0, load, stamps, decode)
 
 
-def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int) -> dict:
+def _decode_time(decode) -> float:
+    decode()  # the first call also pays one-off costs (oneDNN primitive creation)
+    t1 = time.perf_counter()
+    decode()
+    return time.perf_counter() - t1
+
+
+def _timings(t0: float, load: float, stamps: list[float], decode: float) -> dict:
+    return {"load": load, "first": stamps[0] - t0, "step": statistics.median(b - a for a, b in zip(stamps, stamps[1:])),
+            "decode": decode}
+
+
+def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, compile: bool, image_out: Path) -> dict:
     import torch
 
+    t0 = time.perf_counter()
     import sdtorch
     from sdtorch.pipeline import GenerationParams
 
-    t0 = time.perf_counter()
-    pipe = sdtorch.load(ckpt, dtype=dtype)
+    pipe = sdtorch.load(ckpt, dtype=dtype, compile=compile)
     load = time.perf_counter() - t0
     stamps = []
     params = GenerationParams(PROMPT, steps=steps, sampler="euler", cfg_scale=7.5, seed=0, width=size, height=size)
     latents = pipe.generate_latents(params, callback=lambda d: stamps.append(time.perf_counter()), progress=False)
+    if compile and pipe._compiled.compiled is None:
+        raise RuntimeError("torch.compile fell back to eager")
     with torch.no_grad():
-        t1 = time.perf_counter()
-        pipe.decode(latents)
-        decode = time.perf_counter() - t1
-    return {"load": load, "step": statistics.median(b - a for a, b in zip(stamps, stamps[1:])), "decode": decode}
+        decode = _decode_time(lambda: pipe.decode(latents))
+        torch.save(pipe.decode(latents), image_out)  # (1, 3, H, W) in [0, 1]
+    return _timings(t0, load, stamps, decode)
 
 
 def worker(args: argparse.Namespace) -> None:
-    lib, dtype = args.worker.split("-")
+    lib, dtype, *compiled = args.worker.split("-")
     if lib == "diffusers":
         out = run_diffusers(args.ckpt, args.folder, dtype, args.steps, args.size)
     else:
-        out = run_sdtorch(args.ckpt, dtype, args.steps, args.size)
+        out = run_sdtorch(args.ckpt, dtype, args.steps, args.size, compile=bool(compiled),
+                          image_out=args.cache / f"{args.worker}.pt")
     out["rss"] = _peak_rss_gb()
     print("RESULT " + json.dumps(out))
 
 
-def table(results: dict[str, dict]) -> str:
-    base = results["diffusers-fp32"]
-    rows = [f"{'config':<16}{'step s':>9}{'load s':>9}{'decode s':>10}{'peak RSS GB':>13}"
-            f"{'step ×':>9}{'load ×':>9}{'decode ×':>10}{'RSS ×':>8}"]
+def table(results: dict[str, dict], flops: float) -> str:
+    d32, d16 = results.get("diffusers-fp32"), results.get("diffusers-bf16")
+
+    def ratio(r: dict, ref: dict | None, key: str) -> str:
+        return f"{r[key] / ref[key]:.2f}" if ref else "-"
+
+    head = (f"{'config':<23}{'step s':>7}{'TFLOP/s':>8}{'decode s':>9}{'load s':>7}{'1st step s':>11}{'RSS GB':>7}"
+            f"{'step/d32':>9}{'step/d16':>9}{'dec/d32':>8}{'dec/d16':>8}{'load/d32':>9}{'RSS/d32':>8}{'PSNR dB':>8}")
+    rows = [head]
     for name, r in results.items():
-        ref = results["diffusers-bf16"] if name == "sdtorch-bf16" else base
-        rows.append(f"{name:<16}{r['step']:>9.2f}{r['load']:>9.2f}{r['decode']:>10.2f}{r['rss']:>13.2f}"
-                    f"{r['step'] / ref['step']:>9.2f}{r['load'] / ref['load']:>9.2f}"
-                    f"{r['decode'] / ref['decode']:>10.2f}{r['rss'] / ref['rss']:>8.2f}")
+        rows.append(f"{name:<23}{r['step']:>7.2f}{flops / r['step'] / 1e12:>8.3f}{r['decode']:>9.2f}{r['load']:>7.2f}"
+                    f"{r['first']:>11.2f}{r['rss']:>7.2f}{ratio(r, d32, 'step'):>9}{ratio(r, d16, 'step'):>9}"
+                    f"{ratio(r, d32, 'decode'):>8}{ratio(r, d16, 'decode'):>8}{ratio(r, d32, 'load'):>9}"
+                    f"{ratio(r, d32, 'rss'):>8}{r.get('psnr', ''):>8}")
     return "\n".join(rows)
 
 
@@ -133,8 +182,12 @@ def main() -> None:
     folder, ckpt = build(args.cache)
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"SD 1.5 random weights, {args.size}x{args.size}, batch 1, CFG on, {args.steps} steps")
+    flops = unet_flops(args.size)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; SD 1.5 random weights (fp16 file), "
+          f"{args.size}x{args.size}, batch 1, CFG on, Euler, {args.steps} steps; "
+          f"UNet {flops / 1e12:.2f} TFLOP per guided step")
     results = {}
     for name in args.configs:
         cmd = [sys.executable, __file__, "--worker", name, "--ckpt", str(ckpt), "--folder", str(folder),
@@ -145,7 +198,15 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(line[-1][len("RESULT "):])
         print(f"  {name}: {results[name]}", flush=True)
-    print(table(results))
+    if "sdtorch-fp32" in results:  # the reduced-precision images against sdtorch fp32's, same seed
+        import math
+
+        exact = torch.load(args.cache / "sdtorch-fp32.pt")
+        for name in results:
+            if name.startswith("sdtorch-") and name != "sdtorch-fp32":
+                mse = float((torch.load(args.cache / f"{name}.pt") - exact).square().mean())
+                results[name]["psnr"] = f"{10 * math.log10(1 / mse):.1f}" if mse else "inf"
+    print(table(results, flops))
 
 
 if __name__ == "__main__":

@@ -252,8 +252,11 @@ def _detect(unet: dict, vae: dict, clip: dict, layout: str, path: Path) -> Model
         raise CheckpointError(f"{path} is not a Stable Diffusion checkpoint: key {e} is missing") from None
 
 
-def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype) -> None:
-    """Load every parameter, or raise naming the missing, unexpected and mis-shaped keys."""
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype, *,
+                consume: bool = False) -> None:
+    """Load every parameter, or raise naming the missing, unexpected and mis-shaped keys.
+    consume: empty `sd` while converting, so each file tensor can be freed as soon as its
+    converted copy exists (peak memory: the file plus one tensor, not the file plus the model)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -269,7 +272,10 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, dtype
                 lines.append(f"{label} ({len(keys)}): {_few(keys)}")
         raise CheckpointError("; ".join(lines))
     # 1x1 convolutions stored as Linear (some converted VAEs) differ only by a reshape.
-    fixed = {k: v.reshape(expected[k].shape).to(dtype) for k, v in sd.items()}
+    if consume:
+        fixed = {k: sd.pop(k).reshape(expected[k].shape).to(dtype) for k in list(sd)}
+    else:
+        fixed = {k: v.reshape(expected[k].shape).to(dtype) for k, v in sd.items()}
     module.load_state_dict(fixed, strict=True, assign=True)
 
 

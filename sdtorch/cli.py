@@ -44,7 +44,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: detected/guessed")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="weights and activations; bf16 is the fast CPU path (norms and sampler state stay fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (compiling takes minutes on a small CPU; pays for long runs)")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA file (kohya/A1111/ComfyUI/Civitai or diffusers format) with a "
@@ -154,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               *size, args.batch, args.eta, args.clip_skip))
     if hasattr(args, "strength") and not 0 <= args.strength <= 1:
         raise ValueError(f"strength must be in [0, 1], got {args.strength}")
-    pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype)
+    pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
     _set_memory_options(pipe, args)
     for spec in args.lora:
         pipe.load_lora(*_lora_spec(spec))

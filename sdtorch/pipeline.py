@@ -74,6 +74,13 @@ class Pipeline:
         # than tiling.AUTO_CELLS latent cells; tile size and overlap in latent cells.
         self.tile_vae: bool | None = None
         self.vae_tile = (tiling.TILE, tiling.OVERLAP)
+        self._compiled: CompiledModule | None = None  # `compile()`
+
+    def compile(self) -> None:
+        """Run the UNet through torch.compile (inductor) in the denoising loop. The first call
+        at a new shape compiles (minutes for SD on a small CPU); where compiling is impossible
+        (no C++ compiler, an unsupported op) it warns once and runs eagerly."""
+        self._compiled = CompiledModule(self.unet)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -152,8 +159,10 @@ class Pipeline:
     def denoiser(self, cfg_scale: float, quantize: bool = False, unet_wrap: Callable | None = None) -> CFGDenoiser:
         """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32.
         unet_wrap(unet) -> unet adds image conditioning (9-channel inpainting UNets)."""
+        net = self._compiled or self.unet
+
         def unet(x, t, context):
-            return self.unet(x, t, context).float()
+            return net(x, t, context).float()
 
         fn = unet_wrap(unet) if unet_wrap else unet
         inner = DiscreteDenoiser(fn, self.config.schedule, self.config.prediction, quantize=quantize)
@@ -239,13 +248,16 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1]. tiled: decode in overlapping tiles of
-        `vae_tile` (sdtorch.tiling); None: as `tile_vae` says."""
+        """Latents -> images (B, 3, H, W) in [0, 1], one image at a time (the memory of one, and
+        pixels that do not depend on what else is in the batch). tiled: decode in overlapping
+        tiles of `vae_tile` (sdtorch.tiling); None: as `tile_vae` says."""
         z = latents / self.config.vae.scaling_factor
         if self._tiled(tiled, z.shape[-2] * z.shape[-1]):
-            image = tiling.tiled_decode(self.vae, z, tile=self.vae_tile[0], overlap=self.vae_tile[1])
+            def decode(x):
+                return tiling.tiled_decode(self.vae, x, tile=self.vae_tile[0], overlap=self.vae_tile[1])
         else:
-            image = self.vae.decode(z)
+            decode = self.vae.decode
+        image = torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
         return (image / 2 + 0.5).clamp(0, 1)
 
     def _tiled(self, tiled: bool | None, cells: int) -> bool:
@@ -448,17 +460,47 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
+class CompiledModule:
+    """module(*args), through torch.compile; on any compile-time failure, a warning and the
+    eager module from then on (a failure of the module itself then raises as usual)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.compiled: Callable | None = None
+        try:
+            self.compiled = torch.compile(module)
+        except Exception as e:  # e.g. a Python or platform torch.compile does not support
+            log.warning("torch.compile is unavailable (%s); running eagerly", e)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:
+                log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, str(e)[:300])
+                self.compiled = None
+        return self.module(*args)
+
+
+def fast_layout(module: torch.nn.Module) -> torch.nn.Module:
+    """Channels-last weights for a module run in bfloat16/float16 on the CPU: oneDNN's
+    convolutions then skip two layout conversions per call (measured in benchmarks/speed.py)."""
+    return module.to(memory_format=torch.channels_last)
+
+
 BUILTIN = Path(__file__).parent / "data" / "emoji.safetensors"
 
 
 def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
          prediction: Prediction | None = None, dtype: torch.dtype | str = torch.float32,
-         device: str | torch.device = "cpu") -> Pipeline:
+         device: str | torch.device = "cpu", compile: bool = False) -> Pipeline:
     """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder; with no path,
     the built-in emoji model shipped in the package (64x64, trained by `scripts/train_builtin.sh`).
 
     The model is detected from the keys and shapes unless `config` is given; the prediction type
     (eps / v) can be given, else it is read from the file's metadata or guessed (and logged).
+    In bfloat16/float16 on the CPU the UNet and VAE use channels-last weights; `compile` runs the
+    UNet through torch.compile (`Pipeline.compile`).
     """
     if path is None:
         if not BUILTIN.exists():
@@ -471,11 +513,15 @@ def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
     log.info("loaded %s: %s, prediction %s (%s)", path, describe(cfg), cfg.prediction, ckpt.prediction_source)
     with torch.device("meta"):  # no random init of weights that are about to be replaced
         unet, vae, clip = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), ClipTextModel(cfg.clip)
-    checkpoint.load_strict(unet, ckpt.unet, "UNet", dtype)
-    checkpoint.load_strict(vae, ckpt.vae, "VAE", dtype)
-    checkpoint.load_strict(clip, ckpt.clip, "text encoder", dtype)
+    checkpoint.load_strict(unet, ckpt.unet, "UNet", dtype, consume=True)
+    checkpoint.load_strict(vae, ckpt.vae, "VAE", dtype, consume=True)
+    checkpoint.load_strict(clip, ckpt.clip, "text encoder", dtype, consume=True)
+    if dtype != torch.float32 and torch.device(device).type == "cpu":
+        unet, vae = fast_layout(unet), fast_layout(vae)
     pipe = Pipeline(cfg, unet.to(device), vae.to(device), clip.to(device),
                     path=Path(path), prediction_source=ckpt.prediction_source)
+    if compile:
+        pipe.compile()
     return pipe
 
 

@@ -29,9 +29,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activations' dtype (as the original)."""
+    """GroupNorm computed in float32 whatever the activations' dtype (as the original).
+
+    PyTorch's CPU kernel accumulates in float32 for bfloat16/float16 inputs given float32
+    parameters, so reduced-precision activations are normalised without a float32 copy."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            return F.group_norm(x, self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
@@ -166,7 +171,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        # Back to (B, C, H, W) in the input's memory layout (a free view for channels-last).
+        channels_last = x_in.is_contiguous(memory_format=torch.channels_last) and not x_in.is_contiguous()
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
