@@ -10,16 +10,18 @@ fresh process so peak memory is its own:
   (diffusers: `StableDiffusionPipeline.from_single_file`, upcast to the configuration's dtype);
   first step: from the same start to the end of the first denoising step.
 - step: seconds per guided denoising step (batch 1, CFG on = a UNet batch of 2) with the Euler
-  sampler on both sides (one UNet call per step), the median of the gaps between consecutive
-  step callbacks (the first step, a warm-up and for "compiled" the compilation, is in no gap);
+  sampler on both sides (one UNet call per step), the mean of the gaps between consecutive
+  step callbacks (the first step, a warm-up and for "compiled" the compilation, is in no gap;
+  with 4 steps the 3 gaps are one whole DeepCache cycle of interval 3);
   TFLOP/s: the UNet's FLOPs per step (PyTorch's FlopCounterMode: matmuls, convolutions,
   attention) over that time.
 - decode: seconds for the VAE decode of the final latents (second of two decodes).
 - peak RSS: the process's maximum resident memory over load + generation + decode.
 
 Configurations: diffusers fp32 and bf16 (autocast, as its docs advise for CPUs), sdtorch fp32,
-bf16 (bfloat16 weights, channels-last, norms and sampler state in fp32) and bf16 compiled
-(the same through torch.compile). Ratios: against diffusers fp32 ("/d32") and diffusers bf16
+bf16 (bfloat16 weights, channels-last, norms and sampler state in fp32), bf16 compiled
+(the same through torch.compile) and bf16 deepcache (DeepCache, interval 3, branch 0: an
+approximation, see its PSNR). Ratios: against diffusers fp32 ("/d32") and diffusers bf16
 ("/d16"); below 1 is better.
 """
 
@@ -36,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-CONFIGS = ["diffusers-fp32", "diffusers-bf16", "sdtorch-fp32", "sdtorch-bf16", "sdtorch-bf16-compiled"]
+CONFIGS = ["diffusers-fp32", "diffusers-bf16", "sdtorch-fp32", "sdtorch-bf16", "sdtorch-bf16-compiled",
+           "sdtorch-bf16-deepcache"]
 
 
 def build(cache: Path) -> tuple[Path, Path]:
@@ -55,6 +58,22 @@ def build(cache: Path) -> tuple[Path, Path]:
 
         save_file({k: v.half() for k, v in load_file(ckpt32).items()}, ckpt)
     return folder, ckpt
+
+
+def matmul_tflops(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
+    """What this machine's matrix multiply reaches: a large square matmul, TFLOP/s (the best of
+    `repeats`), the practical ceiling for the UNet's convolutions and projections."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
 
 
 def unet_flops(size: int) -> float:
@@ -114,19 +133,21 @@ def _decode_time(decode) -> float:
 
 
 def _timings(t0: float, load: float, stamps: list[float], decode: float) -> dict:
-    return {"load": load, "first": stamps[0] - t0, "step": statistics.median(b - a for a, b in zip(stamps, stamps[1:])),
+    return {"load": load, "first": stamps[0] - t0, "step": statistics.mean(b - a for a, b in zip(stamps, stamps[1:])),
             "decode": decode}
 
 
-def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, compile: bool, image_out: Path) -> dict:
+def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, image_out: Path) -> dict:
     import torch
 
     t0 = time.perf_counter()
     import sdtorch
     from sdtorch.pipeline import GenerationParams
 
+    compile = option == "compiled"
     pipe = sdtorch.load(ckpt, dtype=dtype, compile=compile)
     load = time.perf_counter() - t0
+    pipe.deep_cache = (3, 0) if option == "deepcache" else None
     stamps = []
     params = GenerationParams(PROMPT, steps=steps, sampler="euler", cfg_scale=7.5, seed=0, width=size, height=size)
     latents = pipe.generate_latents(params, callback=lambda d: stamps.append(time.perf_counter()), progress=False)
@@ -139,11 +160,11 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, compile: bool, im
 
 
 def worker(args: argparse.Namespace) -> None:
-    lib, dtype, *compiled = args.worker.split("-")
+    lib, dtype, *option = args.worker.split("-")
     if lib == "diffusers":
         out = run_diffusers(args.ckpt, args.folder, dtype, args.steps, args.size)
     else:
-        out = run_sdtorch(args.ckpt, dtype, args.steps, args.size, compile=bool(compiled),
+        out = run_sdtorch(args.ckpt, dtype, args.steps, args.size, option[0] if option else "",
                           image_out=args.cache / f"{args.worker}.pt")
     out["rss"] = _peak_rss_gb()
     print("RESULT " + json.dumps(out))
@@ -188,6 +209,8 @@ def main() -> None:
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}; SD 1.5 random weights (fp16 file), "
           f"{args.size}x{args.size}, batch 1, CFG on, Euler, {args.steps} steps; "
           f"UNet {flops / 1e12:.2f} TFLOP per guided step")
+    print(f"matmul 2048^3 on this machine: fp32 {matmul_tflops('fp32'):.3f} TFLOP/s, "
+          f"bf16 {matmul_tflops('bf16'):.3f} TFLOP/s")
     results = {}
     for name in args.configs:
         cmd = [sys.executable, __file__, "--worker", name, "--ckpt", str(ckpt), "--folder", str(folder),

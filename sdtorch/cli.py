@@ -48,6 +48,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="weights and activations; bf16 is the fast CPU path (norms and sampler state stay fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (compiling takes minutes on a small CPU; pays for long runs)")
+    p.add_argument("--deep-cache", type=int, default=0, metavar="N",
+                   help="DeepCache: run the whole UNet every N-th call, reuse its deep features in between "
+                   "(an approximation, faster; default 0: off)")
+    p.add_argument("--deep-cache-branch", type=int, default=0, metavar="B",
+                   help="DeepCache: how many skip levels the cached calls still compute (default 0: the shallowest)")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA file (kohya/A1111/ComfyUI/Civitai or diffusers format) with a "
@@ -157,8 +162,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               *size, args.batch, args.eta, args.clip_skip))
     if hasattr(args, "strength") and not 0 <= args.strength <= 1:
         raise ValueError(f"strength must be in [0, 1], got {args.strength}")
+    if args.deep_cache < 0 or args.deep_cache_branch < 0:
+        raise ValueError(f"--deep-cache and --deep-cache-branch must be >= 0, got {args.deep_cache}, "
+                         f"{args.deep_cache_branch}")
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
     _set_memory_options(pipe, args)
+    pipe.deep_cache = (args.deep_cache, args.deep_cache_branch) if args.deep_cache > 1 else None
     for spec in args.lora:
         pipe.load_lora(*_lora_spec(spec))
     if args.lora_dir:

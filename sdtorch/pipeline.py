@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import checkpoint, lora, samplers, tiling
 from .clip import ClipTextModel
 from .config import ModelConfig, Prediction
+from .deepcache import DeepCache
 from .denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
 from .embeddings import load_embeddings
 from .images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
@@ -75,6 +76,9 @@ class Pipeline:
         self.tile_vae: bool | None = None
         self.vae_tile = (tiling.TILE, tiling.OVERLAP)
         self._compiled: CompiledModule | None = None  # `compile()`
+        # DeepCache (sdtorch.deepcache): (interval, branch) reuses deep UNet features between
+        # full calls; an approximation, None = off.
+        self.deep_cache: tuple[int, int] | None = None
 
     def compile(self) -> None:
         """Run the UNet through torch.compile (inductor) in the denoising loop. The first call
@@ -160,6 +164,8 @@ class Pipeline:
         """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32.
         unet_wrap(unet) -> unet adds image conditioning (9-channel inpainting UNets)."""
         net = self._compiled or self.unet
+        if self.deep_cache is not None:
+            net = DeepCache(self.unet, *self.deep_cache)
 
         def unet(x, t, context):
             return net(x, t, context).float()

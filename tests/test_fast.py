@@ -83,3 +83,38 @@ def test_compiled_unet_matches_eager(fp32):
     assert compiled.compiled is not None  # it compiled, no fallback
     ref = fp32.unet(x, t, context)
     assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+@torch.no_grad()
+def test_deep_cache_interval_one_is_exact_and_cached_calls_reuse_deep_features(fp32):
+    from sdtorch.deepcache import DeepCache
+
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+    t = torch.tensor([700.0])
+    exact = fp32.unet(x, t, context)
+    assert torch.equal(DeepCache(fp32.unet, interval=1)(x, t, context), exact)
+    for branch in range(len(fp32.unet.output_blocks) - 1):
+        cache = DeepCache(fp32.unet, interval=2, branch=branch)
+        assert torch.equal(cache(x, t, context), exact)  # first call: the whole UNet
+        # A cached call with the same inputs rebuilds the same output from the kept features.
+        assert torch.allclose(cache(x, t, context), exact, atol=1e-5)
+        x2 = x + 0.1 * torch.randn(x.shape, generator=g)
+        approx, full = cache(x2, t, context), fp32.unet(x2, t, context)  # third call: whole again
+        assert torch.equal(approx, full)
+        near = cache(x2 + 0.01, t, context)  # fourth: cached, close to the exact output
+        assert 0 < float((near - fp32.unet(x2 + 0.01, t, context)).abs().max())
+    with pytest.raises(ValueError, match="branch"):
+        DeepCache(fp32.unet, branch=len(fp32.unet.output_blocks) - 1)
+    with pytest.raises(ValueError, match="interval"):
+        DeepCache(fp32.unet, interval=0)
+
+
+def test_deep_cache_in_generation_is_off_by_default_and_close_when_on(fp32, fp32_image):
+    assert fp32.deep_cache is None
+    fp32.deep_cache = (2, 0)
+    try:
+        image = fp32.decode(fp32.generate_latents(PARAMS, progress=False))
+    finally:
+        fp32.deep_cache = None
+    assert not torch.equal(image, fp32_image) and psnr(image, fp32_image) > 15

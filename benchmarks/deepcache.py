@@ -1,0 +1,68 @@
+"""What DeepCache costs in fidelity and gains in time, on a trained model.
+
+    python benchmarks/deepcache.py [--checkpoint MODEL] [--prompts 16] [--steps 20]
+
+For the first --prompts prompts of the quality benchmark's list, generates one image each
+(seed = prompt index) with the exact UNet and with DeepCache at several (interval, branch)
+settings, and prints the seconds per image, the speed-up, and the PSNR (dB, images in [0, 1])
+of each setting's images against the exact ones. Default model: the built-in one (trained; a
+random-weight model says little about fidelity). The SD 1.5-sized speed-up at 512x512 is in
+benchmarks/speed.py (config sdtorch-bf16-deepcache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import sdtorch
+from sdtorch.pipeline import GenerationParams
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = [(2, 0), (3, 0), (3, 1), (4, 1)]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float((a - b).square().mean())
+    return 10 * math.log10(1 / mse) if mse else math.inf
+
+
+def run(pipe, prompts: list[str], steps: int, setting: tuple[int, int] | None) -> tuple[torch.Tensor, float]:
+    pipe.deep_cache = setting
+    images, t0 = [], time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        params = GenerationParams(prompt, steps=steps, seed=i, width=None, height=None)
+        params.width = params.height = pipe.config.sample_size
+        images.append(pipe.decode(pipe.generate_latents(params, progress=False)))
+    pipe.deep_cache = None
+    return torch.cat(images), (time.perf_counter() - t0) / len(prompts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="default: the built-in model")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    pipe = sdtorch.load(args.checkpoint)
+    lines = (ROOT / "benchmarks" / "quality_prompts.txt").read_text().splitlines()
+    prompts = [ln.strip() for ln in lines if ln.strip()][: args.prompts]
+    run(pipe, prompts[:1], args.steps, None)  # warm-up
+    exact, base = run(pipe, prompts, args.steps, None)
+    print(f"{pipe.config.name}, {pipe.config.sample_size}x{pipe.config.sample_size}, {len(prompts)} prompts, "
+          f"DPM++ 2M Karras {args.steps} steps, CFG 7.5, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'setting':<22}{'s/image':>9}{'speed-up':>10}{'PSNR dB':>9}{'worst dB':>10}")
+    print(f"{'exact':<22}{base:>9.3f}{1.0:>10.2f}{'inf':>9}{'inf':>10}")
+    for interval, branch in SETTINGS:
+        images, seconds = run(pipe, prompts, args.steps, (interval, branch))
+        per = [psnr(a, b) for a, b in zip(images, exact)]
+        print(f"{f'interval {interval} branch {branch}':<22}{seconds:>9.3f}{base / seconds:>10.2f}"
+              f"{psnr(images, exact):>9.1f}{min(per):>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
