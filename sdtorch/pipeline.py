@@ -424,6 +424,10 @@ class Pipeline:
             fields["Clip skip"] = p.clip_skip
         if p.eta:
             fields["Eta"] = p.eta
+        if self.deep_cache is not None:  # it changes the image: say so
+            fields["DeepCache"] = f"interval {self.deep_cache[0]} branch {self.deep_cache[1]}"
+        if self.dtype != torch.float32:
+            fields["Precision"] = str(self.dtype).removeprefix("torch.")
         fields.update(p.extra)
         line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != "")
         neg = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
