@@ -164,3 +164,33 @@ def test_real_layout_is_detected_without_help(name, request, capsys):
     assert "prediction: eps (guessed" in out
     assert main(["info", str(ref.checkpoint), "--prediction", "v"]) == 0
     assert "prediction: v (given)" in capsys.readouterr().out
+
+
+def test_safetensors_reader_matches_the_library_and_refuses_damage(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.f32": torch.randn(3, 5, generator=g), "b.f16": torch.randn(7, generator=g).half(),
+        "c.bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "d.i64": torch.arange(4), "e.empty": torch.zeros(0, 3),
+        "f.scalar": torch.tensor(2.5), "g.bool": torch.tensor([True, False]), "h.u8": torch.arange(9, dtype=torch.uint8),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path, metadata={"k": "v"})
+    sd, meta = checkpoint.read_state_dict(path)
+    assert meta == {"k": "v"} and sd.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert sd[k].dtype == v.dtype and sd[k].shape == v.shape and torch.equal(sd[k], v), k
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n].decode()
+    damaged = {
+        "short": raw[:5],
+        "length": (len(raw) * 2).to_bytes(8, "little") + raw[8:],
+        "json": raw[:8] + b"{" * n + raw[8 + n :],
+        "offsets": raw[:8] + header.replace('"F32"', '"F16"').encode() + raw[8 + n :],  # sizes no longer fit
+        "dtype": raw[:8] + header.replace('"U8"', '"Q4"').encode() + raw[8 + n :],
+        "end": raw[:-4],
+    }
+    for why, data in damaged.items():
+        (tmp_path / f"{why}.safetensors").write_bytes(data)
+        with pytest.raises(checkpoint.CheckpointError, match="cannot read .*corrupt or not a safetensors file"):
+            checkpoint.read_state_dict(tmp_path / f"{why}.safetensors")
