@@ -50,7 +50,7 @@ class TrainConfig:
     warmup: int = 100  # linear warm-up steps
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     ema_decay: float = 0.999  # 0 = no EMA
-    bf16: bool = False  # autocast matmuls/convs to bfloat16 (AMX on recent Xeons)
+    bf16: bool = False  # autocast matmuls/convs to bfloat16 (AVX-512 bf16 or AMX units where the CPU has them)
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0  # 0 = never
