@@ -47,7 +47,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weights and activations; bf16 is the fast CPU path (norms and sampler state stay fp32)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (compiling takes minutes on a small CPU; pays for long runs)")
+                   help="torch.compile the UNet (the first step compiles for a minute or more; on a 2-core "
+                   "AVX-512 CPU the steps measured no faster, see README Speed)")
     p.add_argument("--deep-cache", type=int, default=0, metavar="N",
                    help="DeepCache: run the whole UNet every N-th call, reuse its deep features in between "
                    "(an approximation, faster; default 0: off)")

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -70,6 +71,7 @@ def test_compile_unavailable_warns(fp32, monkeypatch, caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler")
 @torch.no_grad()
 def test_compiled_unet_matches_eager(fp32):
     """A real inductor compile (needs a C++ compiler) of the tiny UNet."""
