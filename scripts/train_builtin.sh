@@ -19,7 +19,7 @@ sdtorch train clip --data "$data" --out "$run/clip" --preset emoji --bf16 \
 
 sdtorch train unet --data "$data" --out "$run/unet" --preset emoji --bf16 \
     --vae "$run/vae/vae.safetensors" --clip "$run/clip/clip.safetensors" --prediction eps \
-    --steps "${UNET_STEPS:-3500}" --batch-size 32 --lr 3e-4 --warmup 200 --ema-decay 0.999 \
+    --steps "${UNET_STEPS:-7400}" --batch-size 32 --lr 3e-4 --warmup 200 --ema-decay 0.999 \
     --caption-dropout 0.1 --save-every 100 --sample-every 500 --log-every 20 \
     --prompts "red apple" "grinning face" "flag of Japan" "dog face" "tent" "red heart" "sun" "pizza"
 
