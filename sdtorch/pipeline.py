@@ -26,6 +26,7 @@ from .config import ModelConfig, Prediction
 from .deepcache import DeepCache
 from .denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
 from .embeddings import load_embeddings
+from .fast import CompiledModule, fast_layout
 from .images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
 from .prompts import Chunk, embedding_lookup, encode_chunks, extract_loras, pad_to_same_length, tokenize_prompt
 from .tokenizer import ClipTokenizer
@@ -468,34 +469,6 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     image.save(path, pnginfo=info)
     return path
-
-
-class CompiledModule:
-    """module(*args), through torch.compile; on any compile-time failure, a warning and the
-    eager module from then on (a failure of the module itself then raises as usual)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-        self.compiled: Callable | None = None
-        try:
-            self.compiled = torch.compile(module)
-        except Exception as e:  # e.g. a Python or platform torch.compile does not support
-            log.warning("torch.compile is unavailable (%s); running eagerly", e)
-
-    def __call__(self, *args):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as e:
-                log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, str(e)[:300])
-                self.compiled = None
-        return self.module(*args)
-
-
-def fast_layout(module: torch.nn.Module) -> torch.nn.Module:
-    """Channels-last weights for a module run in bfloat16/float16 on the CPU: oneDNN's
-    convolutions then skip two layout conversions per call (measured in benchmarks/speed.py)."""
-    return module.to(memory_format=torch.channels_last)
 
 
 BUILTIN = Path(__file__).parent / "data" / "emoji.safetensors"

@@ -50,7 +50,7 @@ def test_compile_falls_back_to_eager(fp32, fp32_image, monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", lambda module, **kw: broken)
     fp32.compile()
     try:
-        with caplog.at_level(logging.WARNING, logger="sdtorch.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="sdtorch.fast"):
             image = fp32.decode(fp32.generate_latents(PARAMS, progress=False))
     finally:
         fp32._compiled = None
@@ -64,7 +64,7 @@ def test_compile_unavailable_warns(fp32, monkeypatch, caplog):
         raise RuntimeError("Python 3.99 not yet supported")
 
     monkeypatch.setattr(torch, "compile", unavailable)
-    with caplog.at_level(logging.WARNING, logger="sdtorch.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="sdtorch.fast"):
         fp32.compile()
     fp32._compiled = None
     assert any("torch.compile is unavailable" in r.message for r in caplog.records)
@@ -75,7 +75,7 @@ def test_compile_unavailable_warns(fp32, monkeypatch, caplog):
 @torch.no_grad()
 def test_compiled_unet_matches_eager(fp32):
     """A real inductor compile (needs a C++ compiler) of the tiny UNet."""
-    from sdtorch.pipeline import CompiledModule
+    from sdtorch.fast import CompiledModule
 
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
