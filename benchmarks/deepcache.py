@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import sdtorch
-from sdtorch.pipeline import GenerationParams
+from sdtorch.generate.pipeline import GenerationParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(2, 0), (3, 0), (3, 1), (4, 1)]

@@ -64,14 +64,14 @@ def prepare(cache: Path, size: int) -> tuple[Path, Path]:
     from safetensors.torch import load_file, save_file
 
     from sdtorch.config import SD15
-    from sdtorch.vae import AutoencoderKL
+    from sdtorch.models.vae import AutoencoderKL
 
     weights, latents = cache / "sd15-vae.safetensors", cache / f"latents-{size}.pt"
     if not weights.exists():
         from diffusers import AutoencoderKL as DiffusersVAE
 
-        from sdtorch.convert import vae_from_diffusers
-        from sdtorch.diffusers_config import diffusers_configs
+        from sdtorch.formats.diffusers import vae_from_diffusers
+        from sdtorch.formats.diffusers_config import diffusers_configs
 
         torch.manual_seed(1)  # as tests/reference_models.build_reference_folder seeds the VAE
         ref = DiffusersVAE(**diffusers_configs(SD15)["vae"])
@@ -90,8 +90,8 @@ def run_vae(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file
 
     from sdtorch.config import SD15
-    from sdtorch.tiling import tiled_decode
-    from sdtorch.vae import AutoencoderKL
+    from sdtorch.adapters.tiling import tiled_decode
+    from sdtorch.models.vae import AutoencoderKL
 
     with torch.device("meta"):
         vae = AutoencoderKL(SD15.vae).eval()
@@ -115,7 +115,7 @@ def run_unet(args: argparse.Namespace) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sdtorch.config import SD15
-    from sdtorch.unet import CrossAttention, UNetModel
+    from sdtorch.models.unet import CrossAttention, UNetModel
 
     torch.manual_seed(0)
     unet = UNetModel(SD15.unet).eval()

@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdtorch.clip_train import ClipModel, load_clip_model  # noqa: E402
-from sdtorch.data import ImageCaptionDataset, to_tensor  # noqa: E402
-from sdtorch.pipeline import load  # noqa: E402
-from sdtorch.train import grid  # noqa: E402
+from sdtorch.training.clip_train import ClipModel, load_clip_model  # noqa: E402
+from sdtorch.training.data import ImageCaptionDataset, to_tensor  # noqa: E402
+from sdtorch.generate.pipeline import load  # noqa: E402
+from sdtorch.training.train import grid  # noqa: E402
 
 
 @torch.no_grad()

@@ -82,7 +82,7 @@ def unet_flops(size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdtorch.config import SD15
-    from sdtorch.unet import UNetModel
+    from sdtorch.models.unet import UNetModel
 
     with torch.device("meta"):
         unet = UNetModel(SD15.unet)
@@ -142,7 +142,7 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, imag
 
     t0 = time.perf_counter()
     import sdtorch
-    from sdtorch.pipeline import GenerationParams
+    from sdtorch.generate.pipeline import GenerationParams
 
     compile = option == "compiled"
     pipe = sdtorch.load(ckpt, dtype=dtype, compile=compile)

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import sdtorch
-from sdtorch.pictures import attention_grid, process_strip, row
+from sdtorch.editing.pictures import attention_grid, process_strip, row
 
 PROMPTS = ["woman running facing right", "grinning face", "man pilot", "waving hand", "red heart", "flag of Italy",
            "person lifting weights", "snowman"]

@@ -5,7 +5,7 @@
     image = pipe.generate("a photo of an astronaut riding a horse", seed=42)[0]
 """
 
-from .config import PRESETS, ModelConfig
+from sdtorch.config import PRESETS, ModelConfig
 
 __all__ = ["PRESETS", "ModelConfig", "Pipeline", "load", "save_png"]
 __version__ = "0.1.0"
@@ -15,7 +15,7 @@ def __getattr__(name: str):
     # The pipeline (and torch model code) is imported on first use, so `import sdtorch.config`
     # and the CLI's argument parsing stay light.
     if name in ("Pipeline", "load", "save_png"):
-        from . import pipeline
+        from sdtorch.generate import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'sdtorch' has no attribute {name!r}")

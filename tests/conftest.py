@@ -75,7 +75,7 @@ def tiny_file(tiny_reference, tmp_path_factory):
     """The tiny reference as sdtorch writes it: one .safetensors with its config in the metadata,
     so it loads without `config=` (as a trained sdtorch model does)."""
     import sdtorch
-    from sdtorch import checkpoint
+    from sdtorch.formats import checkpoint
 
     pipe = sdtorch.load(tiny_reference.checkpoint, config=TINY)
     path = tmp_path_factory.mktemp("tiny_file") / "tiny.safetensors"

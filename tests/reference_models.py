@@ -2,7 +2,7 @@
 
 `build_reference_folder` writes a diffusers `StableDiffusionPipeline` folder for a preset;
 `write_original_checkpoint` turns it into the original (CompVis/LDM) single-file layout with
-`sdtorch.convert.diffusers_folder_to_original`. diffusers' own `from_single_file` reading that
+`sdtorch.formats.diffusers.diffusers_folder_to_original`. diffusers' own `from_single_file` reading that
 file back is what holds the converter to the reference (tests/test_convert.py).
 """
 
@@ -19,8 +19,8 @@ from reference_files import write_hf_tokenizer
 from safetensors.torch import save_file
 
 from sdtorch.config import ClipConfig, ModelConfig
-from sdtorch.convert import diffusers_folder_to_original
-from sdtorch.diffusers_config import diffusers_configs
+from sdtorch.formats.diffusers import diffusers_folder_to_original
+from sdtorch.formats.diffusers_config import diffusers_configs
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",

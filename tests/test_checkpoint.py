@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdtorch
-from sdtorch import checkpoint
-from sdtorch.clip import ClipTextModel
+from sdtorch.formats import checkpoint
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.config import SD15, SD21, SD21_BASE, TINY
-from sdtorch.unet import UNetModel
-from sdtorch.vae import AutoencoderKL
+from sdtorch.models.unet import UNetModel
+from sdtorch.models.vae import AutoencoderKL
 
 
 def _meta_state(preset):

@@ -1,4 +1,4 @@
-"""sdtorch.convert: exact round trips, config round trips, and diffusers' own single-file
+"""sdtorch.formats.diffusers: exact round trips, config round trips, and diffusers' own single-file
 loader as the judge of the original layout we write."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtorch.config import SD15, SD21, SD21_BASE, TINY, ModelConfig
-from sdtorch.convert import (
+from sdtorch.formats.diffusers import (
     diffusers_folder_to_original,
     hf_to_openclip,
     openclip_to_hf,
@@ -31,7 +31,7 @@ from sdtorch.convert import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from sdtorch.diffusers_config import config_from_diffusers, diffusers_configs
+from sdtorch.formats.diffusers_config import config_from_diffusers, diffusers_configs
 
 DATA = Path(__file__).parent / "data"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, features
 
-from sdtorch.data import (
+from sdtorch.training.data import (
     ImageCaptionDataset,
     add_dataset_command,
     build_emoji_dataset,

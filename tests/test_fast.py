@@ -9,7 +9,7 @@ import torch
 
 import sdtorch
 from sdtorch.config import TINY
-from sdtorch.pipeline import GenerationParams
+from sdtorch.generate.pipeline import GenerationParams
 
 PARAMS = GenerationParams("a red apple on a table", "blurry", steps=10, sampler="dpmpp_2m_karras", seed=3,
                           width=64, height=64, batch_size=2)
@@ -50,7 +50,7 @@ def test_compile_falls_back_to_eager(fp32, fp32_image, monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", lambda module, **kw: broken)
     fp32.compile()
     try:
-        with caplog.at_level(logging.WARNING, logger="sdtorch.fast"):
+        with caplog.at_level(logging.WARNING, logger="sdtorch.adapters.fast"):
             image = fp32.decode(fp32.generate_latents(PARAMS, progress=False))
     finally:
         fp32._compiled = None
@@ -64,7 +64,7 @@ def test_compile_unavailable_warns(fp32, monkeypatch, caplog):
         raise RuntimeError("Python 3.99 not yet supported")
 
     monkeypatch.setattr(torch, "compile", unavailable)
-    with caplog.at_level(logging.WARNING, logger="sdtorch.fast"):
+    with caplog.at_level(logging.WARNING, logger="sdtorch.adapters.fast"):
         fp32.compile()
     fp32._compiled = None
     assert any("torch.compile is unavailable" in r.message for r in caplog.records)
@@ -75,7 +75,7 @@ def test_compile_unavailable_warns(fp32, monkeypatch, caplog):
 @torch.no_grad()
 def test_compiled_unet_matches_eager(fp32):
     """A real inductor compile (needs a C++ compiler) of the tiny UNet."""
-    from sdtorch.fast import CompiledModule
+    from sdtorch.adapters.fast import CompiledModule
 
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
@@ -89,7 +89,7 @@ def test_compiled_unet_matches_eager(fp32):
 
 @torch.no_grad()
 def test_deep_cache_interval_one_is_exact_and_cached_calls_reuse_deep_features(fp32):
-    from sdtorch.deepcache import DeepCache
+    from sdtorch.adapters.deepcache import DeepCache
 
     g = torch.Generator().manual_seed(1)
     x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)

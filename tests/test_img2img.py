@@ -9,10 +9,10 @@ from PIL import Image, ImageDraw
 from reference_models import reference_scheduler
 
 import sdtorch
-import sdtorch.checkpoint
+import sdtorch.formats.checkpoint
 from sdtorch.config import TINY
-from sdtorch.images import extend_canvas, image_tensor, img2img_start, mask_tensor
-from sdtorch.pipeline import GenerationParams
+from sdtorch.generate.images import extend_canvas, image_tensor, img2img_start, mask_tensor
+from sdtorch.generate.pipeline import GenerationParams
 
 
 def rel_err(a, b) -> float:
@@ -74,7 +74,7 @@ def inpaint_pair(tiny_inpaint_reference):
     ref = tiny_inpaint_reference
     theirs = StableDiffusionInpaintPipeline.from_pretrained(ref.folder, local_files_only=True, safety_checker=None)
     theirs.set_progress_bar_config(disable=True)
-    assert sdtorch.checkpoint.read(ref.checkpoint).config.unet.in_channels == 9  # detected from the keys
+    assert sdtorch.formats.checkpoint.read(ref.checkpoint).config.unet.in_channels == 9  # detected from the keys
     return sdtorch.load(ref.checkpoint, config=ref.preset), theirs
 
 
@@ -142,7 +142,7 @@ def test_bad_inputs(tiny):
 
 
 def test_attention_maps_sum_to_one_over_all_tokens(tiny):
-    from sdtorch.editing import AttentionStore, hooked
+    from sdtorch.editing.p2p import AttentionStore, hooked
 
     store = AttentionStore(batch=2)
     with hooked(tiny.unet, store) as layers:
@@ -157,7 +157,7 @@ def test_attention_maps_sum_to_one_over_all_tokens(tiny):
 
 
 def test_hooks_do_not_change_the_image_much_and_process_frames(tiny, tmp_path):
-    from sdtorch.pictures import attention_grid, save_process
+    from sdtorch.editing.pictures import attention_grid, save_process
 
     plain = tiny.generate("a red apple", steps=3, seed=0, width=64, height=64, progress=False)[0]
     images, maps, labels = tiny.attention("a red apple", steps=3, seed=0, width=64, height=64, progress=False)

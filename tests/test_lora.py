@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sdtorch
-from sdtorch import lora
+from sdtorch.adapters import lora
 from sdtorch.config import TINY
 
 # Layers the random LoRAs adapt (diffusers names): attention, feed-forward, a 1x1 conv (SD1) or
@@ -402,9 +402,9 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def test_lora_job_lowers_the_loss_and_exports_a_kohya_file(tiny_file, shapes, tmp_path):
-    from sdtorch.data import ImageCaptionDataset
-    from sdtorch.jobs import LoRAJob
-    from sdtorch.train import Stream, TrainConfig, micro_batch, train
+    from sdtorch.training.data import ImageCaptionDataset
+    from sdtorch.training.jobs import LoRAJob
+    from sdtorch.training.train import Stream, TrainConfig, micro_batch, train
 
     pipe = sdtorch.load(tiny_file)
     w0 = weights(pipe)

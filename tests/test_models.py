@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtorch import checkpoint
-from sdtorch.clip import ClipTextModel
+from sdtorch.formats import checkpoint
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.config import SD15, SD21, TINY
-from sdtorch.unet import UNetModel, timestep_embedding
-from sdtorch.vae import AutoencoderKL
+from sdtorch.models.unet import UNetModel, timestep_embedding
+from sdtorch.models.vae import AutoencoderKL
 
 DATA = Path(__file__).parent / "data"
 

@@ -17,7 +17,7 @@ import torch
 from reference_models import SCHEDULERS, reference_scheduler
 
 import sdtorch
-from sdtorch.pipeline import GenerationParams
+from sdtorch.generate.pipeline import GenerationParams
 
 REFERENCES = [
     pytest.param("tiny_reference", id="tiny"),

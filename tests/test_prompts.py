@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sdtorch.clip import ClipTextModel
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.config import TINY
-from sdtorch.embeddings import load_embedding, load_embeddings, save_embedding
-from sdtorch.pipeline import GenerationParams, Pipeline
-from sdtorch.prompts import (
+from sdtorch.conditioning.embeddings import load_embedding, load_embeddings, save_embedding
+from sdtorch.generate.pipeline import GenerationParams, Pipeline
+from sdtorch.conditioning.prompts import (
     BREAK,
     emphasize,
     encode_chunks,
@@ -22,9 +22,9 @@ from sdtorch.prompts import (
     parse_prompt_attention,
     tokenize_prompt,
 )
-from sdtorch.tokenizer import ClipTokenizer
-from sdtorch.unet import UNetModel
-from sdtorch.vae import AutoencoderKL
+from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.models.unet import UNetModel
+from sdtorch.models.vae import AutoencoderKL
 
 BOS, EOS, COMMA, A, B = 49406, 49407, 267, 320, 321  # "a" and "b" are one token each
 
@@ -130,7 +130,7 @@ def test_weights_follow_their_tokens(tok):
 
 
 def test_embedding_takes_its_slots_and_never_straddles(tok):
-    from sdtorch.prompts import embedding_lookup
+    from sdtorch.conditioning.prompts import embedding_lookup
 
     vec = torch.randn(2, 8)
     lookup = embedding_lookup({"sdtok": vec}, tok, EOS)

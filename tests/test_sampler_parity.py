@@ -17,8 +17,8 @@ from reference_models import reference_scheduler  # noqa: E402
 
 from sdtorch import schedule  # noqa: E402
 from sdtorch.config import ScheduleConfig  # noqa: E402
-from sdtorch.denoisers import CFGDenoiser, DiscreteDenoiser  # noqa: E402
-from sdtorch.samplers import SAMPLERS, sample  # noqa: E402
+from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser  # noqa: E402
+from sdtorch.sampling.samplers import SAMPLERS, sample  # noqa: E402
 
 # The SD 1.5 scheduler config (PNDM, as the diffusers single-file loader writes it).
 SD_CONFIG = {

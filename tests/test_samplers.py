@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from sdtorch import schedule
+from sdtorch.sampling import schedule
 from sdtorch.config import ScheduleConfig
-from sdtorch.denoisers import CFGDenoiser, DiscreteDenoiser
-from sdtorch.samplers import SAMPLERS, ancestral_step, display_name, lms_coefficient, sample
+from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser
+from sdtorch.sampling.samplers import SAMPLERS, ancestral_step, display_name, lms_coefficient, sample
 
 CFG = ScheduleConfig()
 MU, S = 0.7, 0.5  # Gaussian data N(MU, S^2)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sdtorch import tiling
-from sdtorch.clip import ClipTextModel
+from sdtorch.adapters import tiling
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.config import TINY
-from sdtorch.editing import AttentionStore, hooked
-from sdtorch.pipeline import GenerationParams, Pipeline, to_pil
-from sdtorch.unet import CrossAttention, UNetModel, chunked_attention
-from sdtorch.vae import AutoencoderKL
+from sdtorch.editing.p2p import AttentionStore, hooked
+from sdtorch.generate.pipeline import GenerationParams, Pipeline, to_pil
+from sdtorch.models.unet import CrossAttention, UNetModel, chunked_attention
+from sdtorch.models.vae import AutoencoderKL
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

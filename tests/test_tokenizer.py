@@ -8,7 +8,7 @@ import pytest
 import torch
 from reference_files import VOCAB_GZ, write_hf_tokenizer
 
-from sdtorch.tokenizer import ClipTokenizer
+from sdtorch.conditioning.tokenizer import ClipTokenizer
 
 transformers = pytest.importorskip("transformers")
 

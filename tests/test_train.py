@@ -16,12 +16,12 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import sdtorch
-from sdtorch.clip import ClipTextModel
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.config import TINY
-from sdtorch.data import ImageCaptionDataset
-from sdtorch.jobs import UNetJob, VAEJob
-from sdtorch.train import Stream, TrainConfig, train
-from sdtorch.vae import AutoencoderKL
+from sdtorch.training.data import ImageCaptionDataset
+from sdtorch.training.jobs import UNetJob, VAEJob
+from sdtorch.training.train import Stream, TrainConfig, train
+from sdtorch.models.vae import AutoencoderKL
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 210, 30)}
 SHAPES = ("circle", "square")
@@ -153,7 +153,7 @@ def test_the_three_jobs_chain_from_the_command_line(shapes, tmp_path):
 
 def test_cached_latents_give_the_loss_of_encoding_every_step(shapes):
     """UNetJob.cache_latents (fixed datasets): the same z0 and loss as running the encoder."""
-    from sdtorch.train import collate
+    from sdtorch.training.train import collate
 
     data = ImageCaptionDataset(shapes, 32)
     torch.manual_seed(0)

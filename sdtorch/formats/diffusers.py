@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from sdtorch.config import ModelConfig, UNetConfig, VAEConfig
-from sdtorch.diffusers_config import config_from_diffusers
+from sdtorch.formats.diffusers_config import config_from_diffusers
 
 StateDict = dict[str, Tensor]
 

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageCaptionDataset, find_items
-from .jobs import LoRAJob, UNetJob
-from .pipeline import save_png
-from .train import Stream, sample_seed
+from sdtorch.training.data import ImageCaptionDataset, find_items
+from sdtorch.training.jobs import LoRAJob, UNetJob
+from sdtorch.generate.pipeline import save_png
+from sdtorch.training.train import Stream, sample_seed
 
 log = logging.getLogger(__name__)
 

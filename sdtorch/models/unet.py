@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UNetConfig
+from sdtorch.config import UNetConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -73,7 +73,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
-        # Editing and visualisation (sdtorch.editing) set this to observe or change attention:
+        # Editing and visualisation (sdtorch.editing.p2p) set this to observe or change attention:
         # hook(module, q, k, v) -> (B, heads, N, d). None: plain scaled-dot-product attention.
         self.hook = None
         self.is_cross = context_dim is not None

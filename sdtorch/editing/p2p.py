@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from PIL import Image  # noqa: F401  (return type of edit)
 from torch import nn
 
-from . import samplers
-from .pipeline import GenerationParams, to_pil, validate
-from .unet import CrossAttention
+from sdtorch.sampling import samplers
+from sdtorch.generate.pipeline import GenerationParams, to_pil, validate
+from sdtorch.models.unet import CrossAttention
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import random
 import sys
 from pathlib import Path
 
-from . import samplers
+from sdtorch.sampling import samplers
 
 EXIT_BAD_INPUT = 2
 
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path")
     info.add_argument("--prediction", choices=["eps", "v"], default=None)
 
-    from .data import add_dataset_command
-    from .train_cli import add_train_command
+    from sdtorch.training.data import add_dataset_command
+    from sdtorch.cli.train import add_train_command
 
     add_dataset_command(sub)
     add_train_command(sub)
@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pictures import attention_grid, save_process
-    from .pipeline import GenerationParams, load, validate
+    from sdtorch.editing.pictures import attention_grid, save_process
+    from sdtorch.generate.pipeline import GenerationParams, load, validate
 
     size = (getattr(args, "width", None), getattr(args, "height", None))
     # Check the arguments before spending seconds on loading the model.
@@ -229,7 +229,7 @@ def _inpaint(pipe, args, options):
 
 
 def _save_all(images, out: Path, seed: int) -> None:
-    from .pipeline import save_png
+    from sdtorch.generate.pipeline import save_png
 
     out.mkdir(parents=True, exist_ok=True)
     start = len(list(out.glob("*.png")))
@@ -238,8 +238,8 @@ def _save_all(images, out: Path, seed: int) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .pipeline import describe
+    from sdtorch.formats import checkpoint
+    from sdtorch.generate.pipeline import describe
 
     ckpt = checkpoint.read(args.path, prediction=args.prediction)
     cfg = ckpt.config
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        from .data import cmd_dataset
-        from .train_cli import cmd_train
+        from sdtorch.training.data import cmd_dataset
+        from sdtorch.cli.train import cmd_train
 
         commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "attention": cmd_generate,
                     "edit": cmd_generate,

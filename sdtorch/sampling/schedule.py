@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ScheduleConfig
+from sdtorch.config import ScheduleConfig
 
 
 def betas(cfg: ScheduleConfig) -> torch.Tensor:

@@ -4,13 +4,13 @@ The vectors start as the token embeddings of an init word (A1111's rule: vector 
 i·k // n of the word's k token rows) and are trained on UNetJob's denoising loss, with captions
 that hold the name: a template drawn per sample ("a {} emoji" -> "a sks-style emoji"), or the
 dataset's captions with the name put in place of their `{}`. A caption is encoded exactly as
-`Pipeline.encode_prompt` encodes a prompt with a loaded embedding (`sdtorch.prompts`: the name's
+`Pipeline.encode_prompt` encodes a prompt with a loaded embedding (`sdtorch.conditioning.prompts`: the name's
 tokens give way to the n vectors, chunks of 75 tokens), so the trained file reproduces in
 generation the text states it was trained with. The UNet, VAE and text encoder stay bit for bit
-as they were; the loop (`sdtorch.train`) trains, averages (EMA), checkpoints and resumes the vectors.
+as they were; the loop (`sdtorch.training.train`) trains, averages (EMA), checkpoints and resumes the vectors.
 
 Output: AUTOMATIC1111's `.pt` (`string_to_param`) and a `.safetensors` (`emb_params`) through
-`sdtorch.embeddings.save_embedding`, loaded by `--embeddings DIR`, A1111, ComfyUI and diffusers.
+`sdtorch.conditioning.embeddings.save_embedding`, loaded by `--embeddings DIR`, A1111, ComfyUI and diffusers.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .clip import ClipTextModel
-from .config import ModelConfig
-from .embeddings import save_embedding
-from .jobs import UNetJob
-from .prompts import embedding_lookup, encode_chunks, tokenize_prompt
-from .tokenizer import ClipTokenizer
-from .train import grid, rand_per_sample
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from sdtorch.models.clip import ClipTextModel
+from sdtorch.config import ModelConfig
+from sdtorch.conditioning.embeddings import save_embedding
+from sdtorch.training.jobs import UNetJob
+from sdtorch.conditioning.prompts import embedding_lookup, encode_chunks, tokenize_prompt
+from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.training.train import grid, rand_per_sample
+from sdtorch.models.unet import UNetModel
+from sdtorch.models.vae import AutoencoderKL
 
 PLACEHOLDER = "{}"  # where a template or caption takes the embedding's name
 TEMPLATE_STREAM = 6  # the template of a sample is drawn from its seed's stream 6 (UNetJob uses 1 to 4)
@@ -64,7 +64,7 @@ def init_vectors(clip: ClipTextModel, tokenizer: ClipTokenizer, word: str, n: in
 
 
 class EmbeddingJob:
-    """Textual-inversion training for `sdtorch.train.train` (see the module docstring).
+    """Textual-inversion training for `sdtorch.training.train.train` (see the module docstring).
     templates: captions with a `{}` for the name, one drawn per sample; empty: the dataset's
     captions, each with a `{}`."""
 
@@ -130,7 +130,7 @@ class EmbeddingJob:
     def samples(self, ema: dict[str, nn.Module], step: int):
         if not self.preview_prompts:
             return None
-        from .pipeline import Pipeline
+        from sdtorch.generate.pipeline import Pipeline
 
         pipe = Pipeline(self.base.cfg, self.base.unet, self.base.vae, self.base.clip)
         pipe.embeddings = {self.name: ema["embedding"].vectors.detach().clone()}
@@ -145,8 +145,8 @@ class EmbeddingJob:
 
 
 def add_embedding_command(jobs) -> None:
-    """`sdtorch train embedding` (registered by `sdtorch.train_cli`)."""
-    from .train_cli import COMMON
+    """`sdtorch train embedding` (registered by `sdtorch.cli.train`)."""
+    from sdtorch.cli.train import COMMON
 
     p = jobs.add_parser("embedding", help="textual inversion: new token vectors for a name, the model frozen")
     p.add_argument("--checkpoint", "-c", required=True, help="the model (.safetensors / .ckpt / diffusers folder)")
@@ -169,10 +169,10 @@ def add_embedding_command(jobs) -> None:
 
 def train_embedding(args) -> list[Path]:
     """Run `sdtorch train embedding`; returns OUT/embeddings/NAME.pt and OUT/NAME.safetensors."""
-    from .data import ImageCaptionDataset
-    from .pipeline import load
-    from .train import train
-    from .train_cli import _train_config
+    from sdtorch.training.data import ImageCaptionDataset
+    from sdtorch.generate.pipeline import load
+    from sdtorch.training.train import train
+    from sdtorch.cli.train import _train_config
 
     pipe = load(args.checkpoint, prediction=args.prediction)
     # A1111's recipe: lr 5e-3, no weight decay (it would pull the vectors towards 0), no EMA.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, ModelConfig
+from sdtorch.config import PRESETS, ModelConfig
 
 COMMON = {
     "steps": int, "batch_size": int, "grad_accum": int, "lr": float, "warmup": int,
@@ -55,7 +55,7 @@ def add_train_command(sub) -> None:
             p.add_argument("--text-encoder", action="store_true", help="also train LoRA layers in the text encoder")
             _fine_tune_arguments(p)
     _add_dreambooth_command(jobs)
-    from .ti_train import add_embedding_command
+    from sdtorch.training.ti_train import add_embedding_command
 
     add_embedding_command(jobs)  # textual inversion (sdtorch/ti_train.py)
 
@@ -95,24 +95,24 @@ def _fine_tune_arguments(p) -> None:
 
 
 def _train_config(args, **defaults):
-    from .train import TrainConfig
+    from sdtorch.training.train import TrainConfig
 
     given = {k: getattr(args, k) for k in COMMON if getattr(args, k) is not None}
     return TrainConfig(out=args.out, bf16=args.bf16, **(defaults | given))
 
 
 def _dataset(args, preset: ModelConfig):
-    from .data import ImageCaptionDataset
+    from sdtorch.training.data import ImageCaptionDataset
 
     return ImageCaptionDataset(args.data, args.size or preset.sample_size, flip=args.flip, seed=args.seed or 0)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .jobs import UNetJob, VAEJob
-    from .train import train
+    from sdtorch.training.jobs import UNetJob, VAEJob
+    from sdtorch.training.train import train
 
     if args.job == "embedding":
-        from .ti_train import train_embedding
+        from sdtorch.training.ti_train import train_embedding
 
         print(*train_embedding(args), sep="\n")
         return 0
@@ -145,8 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_clip(args, preset: ModelConfig, data, cfg) -> Path:
-    from .clip_train import ClipJob, ImageTowerConfig
-    from .train import collate, train
+    from sdtorch.training.clip_train import ClipJob, ImageTowerConfig
+    from sdtorch.training.train import collate, train
 
     tower = ImageTowerConfig(image_size=data.size, patch_size=args.patch_size, width=args.tower_width,
                              layers=args.tower_layers, heads=max(1, args.tower_width // 64), embed_dim=args.embed_dim)
@@ -157,8 +157,8 @@ def _train_clip(args, preset: ModelConfig, data, cfg) -> Path:
 
 
 def _train_lora(args) -> Path:
-    from .pipeline import DTYPES, load
-    from .train import train
+    from sdtorch.generate.pipeline import DTYPES, load
+    from sdtorch.training.train import train
 
     pipe = load(args.checkpoint, prediction=args.prediction)
     cfg = _train_config(args)
@@ -171,8 +171,8 @@ def _train_lora(args) -> Path:
 
 def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[str, str]):
     """A new LoRA network (`--alpha`, `--layers`) on the loaded model, as a LoRAJob."""
-    from .jobs import LoRAJob
-    from .lora import new_network
+    from sdtorch.training.jobs import LoRAJob
+    from sdtorch.adapters.lora import new_network
 
     layers = tuple(g.strip() for g in args.layers.split(",") if g.strip())
     network = new_network(pipe.unet, pipe.clip, rank=rank, alpha=args.alpha, layers=layers,
@@ -185,10 +185,10 @@ def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[
 
 def _train_dreambooth(args) -> Path:
     """Full fine-tuning (model.safetensors) or, with --lora RANK, a LoRA (lora.safetensors)."""
-    from .dreambooth import DreamBoothJob
-    from .jobs import UNetJob
-    from .pipeline import DTYPES, load
-    from .train import train
+    from sdtorch.training.dreambooth import DreamBoothJob
+    from sdtorch.training.jobs import UNetJob
+    from sdtorch.generate.pipeline import DTYPES, load
+    from sdtorch.training.train import train
 
     pipe = load(args.checkpoint, prediction=args.prediction)
     # diffusers' DreamBooth example: batches of one subject image (+ one class image), a small constant lr, no EMA.
@@ -214,9 +214,9 @@ def _dreambooth_data(args, pipe, seed: int):
     the instance images."""
     import torch.distributed as dist
 
-    from .data import ImageCaptionDataset
-    from .dreambooth import DreamBoothDataset, class_images
-    from .train import init_distributed
+    from sdtorch.training.data import ImageCaptionDataset
+    from sdtorch.training.dreambooth import DreamBoothDataset, class_images
+    from sdtorch.training.train import init_distributed
 
     size = args.size or pipe.config.sample_size
     if init_distributed()[0] == 0:
@@ -238,9 +238,9 @@ def _load_parts(args, preset: ModelConfig):
     """The frozen VAE and text encoder for UNet training, strictly loaded."""
     from safetensors.torch import load_file
 
-    from .checkpoint import load_strict
-    from .clip import ClipTextModel
-    from .vae import AutoencoderKL
+    from sdtorch.formats.checkpoint import load_strict
+    from sdtorch.models.clip import ClipTextModel
+    from sdtorch.models.vae import AutoencoderKL
 
     with torch.device("meta"):
         vae, clip = AutoencoderKL(preset.vae), ClipTextModel(preset.clip)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from .config import ScheduleConfig
-from .schedule import GRIDS, init_noise_sigma, sampling_sigmas
+from sdtorch.config import ScheduleConfig
+from sdtorch.sampling.schedule import GRIDS, init_noise_sigma, sampling_sigmas
 
 Model = Callable[..., torch.Tensor]
 

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import Prediction, ScheduleConfig
-from .schedule import sigma_to_t, training_sigmas
+from sdtorch.config import Prediction, ScheduleConfig
+from sdtorch.sampling.schedule import sigma_to_t, training_sigmas
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

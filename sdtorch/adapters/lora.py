@@ -14,7 +14,7 @@ convolution `down` is a conv with the layer's kernel, stride and padding and `up
   (`lora_alpha`, `alpha_pattern`, `use_rslora`), else it is 1.
 
 Every spelling is looked up in a table built from the models themselves (the UNet's diffusers
-names come from `sdtorch.convert`), so a key either names a real layer or is an error.
+names come from `sdtorch.formats.diffusers`), so a key either names a real layer or is an error.
 
 A LoRA is applied dynamically, as a forward hook that adds its output to the layer's (module
 paths, and so checkpoint keys, stay unchanged), or merged into the weights; merging keeps the
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import convert
-from .checkpoint import _few, read_state_dict
-from .clip import ClipTextModel
-from .config import UNetConfig
-from .unet import UNetModel
+from sdtorch.formats import diffusers as convert
+from sdtorch.formats.checkpoint import _few, read_state_dict
+from sdtorch.models.clip import ClipTextModel
+from sdtorch.config import UNetConfig
+from sdtorch.models.unet import UNetModel
 
 Target = tuple[str, str]  # ("unet" | "clip", module path in sdtorch = the original checkpoint layout)
 SUFFIXES = (".safetensors", ".pt", ".ckpt")  # what `resolve_lora` looks for, in this order

@@ -1,10 +1,10 @@
-"""Training jobs for `sdtorch.train.train`: what is trained, on which loss, and what comes out.
+"""Training jobs for `sdtorch.training.train.train`: what is trained, on which loss, and what comes out.
 
 - `VAEJob`: the KL autoencoder (reconstruction + KL).
 - `UNetJob`: the noise predictor on latents of a frozen autoencoder, conditioned on a frozen
   text encoder, eps- or v-prediction, with caption dropout so classifier-free guidance works.
-- `LoRAJob`: UNetJob's loss on a frozen model; only LoRA layers (`sdtorch.lora`) train.
-(The contrastive CLIP job lives in `sdtorch.clip_train`, DreamBooth's in `sdtorch.dreambooth`.)
+- `LoRAJob`: UNetJob's loss on a frozen model; only LoRA layers (`sdtorch.adapters.lora`) train.
+(The contrastive CLIP job lives in `sdtorch.training.clip_train`, DreamBooth's in `sdtorch.training.dreambooth`.)
 
 Each job reads its models from `batch["models"]` inside `loss` (they may be wrapped in
 DistributedDataParallel there) and draws every random number from the per-sample seeds.
@@ -18,14 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, lora
-from .clip import ClipTextModel
-from .config import ModelConfig, VAEConfig
-from .schedule import alphas_cumprod
-from .tokenizer import ClipTokenizer
-from .train import grid, rand_per_sample, randn_per_sample
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from sdtorch.formats import checkpoint
+
+from sdtorch.adapters import lora
+from sdtorch.models.clip import ClipTextModel
+from sdtorch.config import ModelConfig, VAEConfig
+from sdtorch.sampling.schedule import alphas_cumprod
+from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.training.train import grid, rand_per_sample, randn_per_sample
+from sdtorch.models.unet import UNetModel
+from sdtorch.models.vae import AutoencoderKL
 
 
 class VAEJob:
@@ -55,7 +57,7 @@ class VAEJob:
     def samples(self, ema: dict[str, nn.Module], step: int):
         if self.preview is None:
             return None
-        from .pipeline import to_pil
+        from sdtorch.generate.pipeline import to_pil
 
         vae = ema["vae"]
         recon = vae.decode(vae.encode(self.preview).mean)
@@ -141,7 +143,7 @@ class UNetJob:
     def samples(self, ema: dict[str, nn.Module], step: int):
         if not self.preview_prompts:
             return None
-        from .pipeline import Pipeline
+        from sdtorch.generate.pipeline import Pipeline
 
         pipe = Pipeline(self.cfg, ema["unet"], self.vae, ema.get("clip", self.clip))
         images = []

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tokenizer import ClipTokenizer
+from sdtorch.conditioning.tokenizer import ClipTokenizer
 
 CHUNK = 75  # prompt tokens per chunk; the text encoder reads 77 = start + 75 + end
 EMPHASIS = 1.1

@@ -20,18 +20,24 @@ import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import checkpoint, lora, samplers, tiling
-from .clip import ClipTextModel
-from .config import ModelConfig, Prediction
-from .deepcache import DeepCache
-from .denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
-from .embeddings import load_embeddings
-from .fast import CompiledModule, fast_layout
-from .images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
-from .prompts import Chunk, embedding_lookup, encode_chunks, extract_loras, pad_to_same_length, tokenize_prompt
-from .tokenizer import ClipTokenizer
-from .unet import CrossAttention, UNetModel
-from .vae import AutoencoderKL
+from sdtorch.formats import checkpoint
+
+from sdtorch.adapters import lora
+
+from sdtorch.sampling import samplers
+
+from sdtorch.adapters import tiling
+from sdtorch.models.clip import ClipTextModel
+from sdtorch.config import ModelConfig, Prediction
+from sdtorch.adapters.deepcache import DeepCache
+from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
+from sdtorch.conditioning.embeddings import load_embeddings
+from sdtorch.adapters.fast import CompiledModule, fast_layout
+from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
+from sdtorch.conditioning.prompts import Chunk, embedding_lookup, encode_chunks, extract_loras, pad_to_same_length, tokenize_prompt
+from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.models.unet import CrossAttention, UNetModel
+from sdtorch.models.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +78,12 @@ class Pipeline:
         # lora_loader([(name, multiplier)]) makes exactly those LoRAs active; None: no LoRA directory
         self.lora_loader: Callable[[list[tuple[str, float]]], None] | None = None
         self.loras = lora.LoRAStack(unet, clip)  # LoRAs applied now, in order (`load_lora`)
-        # The VAE in overlapping tiles (sdtorch.tiling): True, False, or None = for images of more
+        # The VAE in overlapping tiles (sdtorch.adapters.tiling): True, False, or None = for images of more
         # than tiling.AUTO_CELLS latent cells; tile size and overlap in latent cells.
         self.tile_vae: bool | None = None
         self.vae_tile = (tiling.TILE, tiling.OVERLAP)
         self._compiled: CompiledModule | None = None  # `compile()`
-        # DeepCache (sdtorch.deepcache): (interval, branch) reuses deep UNet features between
+        # DeepCache (sdtorch.adapters.deepcache): (interval, branch) reuses deep UNet features between
         # full calls; an approximation, None = off.
         self.deep_cache: tuple[int, int] | None = None
 
@@ -115,7 +121,7 @@ class Pipeline:
 
         syntax (default `self.prompt_syntax`): "a1111" reads AUTOMATIC1111's emphasis, BREAK,
         textual-inversion names and prompts of any length in chunks of 75 tokens (see
-        `sdtorch.prompts`; `<lora:...>` tags are dropped here, `generate` applies them); "plain"
+        `sdtorch.conditioning.prompts`; `<lora:...>` tags are dropped here, `generate` applies them); "plain"
         is the reference's encoding, truncated to 77 tokens (k = 1). A prompt of at most 75
         tokens without special syntax gives the same states either way, bit for bit.
         """
@@ -257,7 +263,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1], one image at a time (the memory of one, and
         pixels that do not depend on what else is in the batch). tiled: decode in overlapping
-        tiles of `vae_tile` (sdtorch.tiling); None: as `tile_vae` says."""
+        tiles of `vae_tile` (sdtorch.adapters.tiling); None: as `tile_vae` says."""
         z = latents / self.config.vae.scaling_factor
         if self._tiled(tiled, z.shape[-2] * z.shape[-1]):
             def decode(x):
@@ -320,7 +326,7 @@ class Pipeline:
         """Generate (options as `generate`) while recording cross-attention. Returns (images,
         maps (B, T, h, w) for the prompt's T tokens without start/end, token labels). Over all
         77 token positions a pixel's attention sums to 1; these T maps hold part of that mass."""
-        from .editing import AttentionStore, hooked
+        from sdtorch.editing.p2p import AttentionStore, hooked
 
         store = AttentionStore(batch=options.get("batch_size", 1))
         with hooked(self.unet, store):
@@ -352,7 +358,7 @@ class Pipeline:
 
     def edit(self, prompt: str, target: str, **options) -> list[Image.Image]:
         """Prompt-to-prompt editing: [source image, edited image]; see `sdtorch.editing.edit`."""
-        from .editing import edit
+        from sdtorch.editing.p2p import edit
 
         return edit(self, prompt, target, **options)
 
@@ -471,7 +477,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
-BUILTIN = Path(__file__).parent / "data" / "emoji.safetensors"
+BUILTIN = Path(__file__).parents[1] / "data" / "emoji.safetensors"
 
 
 def load(path: str | Path | None = None, *, config: ModelConfig | None = None,

@@ -2,7 +2,7 @@
 
 The original single-file (CompVis/LDM) layout is canonical: each model's module paths equal the
 file's keys minus a prefix from `PREFIXES`. Other layouts (OpenCLIP text encoders, diffusers
-folders) go through exactly one converter each, in `sdtorch.convert`.
+folders) go through exactly one converter each, in `sdtorch.formats.diffusers`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import convert
-from .config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
+from sdtorch.formats import diffusers as convert
+from sdtorch.config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Module paths follow Hugging Face `CLIPTextModel`, which is how SD 1.x checkpoints store the text
 encoder under `cond_stage_model.transformer.`. SD 2.x files store OpenCLIP names under
-`cond_stage_model.model.`; `sdtorch.convert.openclip_to_hf` renames them on load.
+`cond_stage_model.model.`; `sdtorch.formats.diffusers.openclip_to_hf` renames them on load.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ClipConfig
+from sdtorch.config import ClipConfig
 
 
 class ClipAttention(nn.Module):

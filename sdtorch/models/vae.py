@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VAEConfig
-from .unet import GroupNorm32
+from sdtorch.config import VAEConfig
+from sdtorch.models.unet import GroupNorm32
 
 
 class Norm(GroupNorm32):
     """GroupNorm (in float32) whose statistics tiled decoding can record or replace
-    (sdtorch.tiling sets `hook(module, x) -> normalised x`; None: plain GroupNorm)."""
+    (sdtorch.adapters.tiling sets `hook(module, x) -> normalised x`; None: plain GroupNorm)."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__(groups, channels, eps=1e-6)

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .vae import AutoencoderKL, DiagonalGaussian, Norm
+from sdtorch.models.vae import AutoencoderKL, DiagonalGaussian, Norm
 
 NormMode = Literal["tile", "estimate"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .unet import UNetModel, timestep_embedding
+from sdtorch.models.unet import UNetModel, timestep_embedding
 
 
 class DeepCache:

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, load_strict, read_state_dict
-from .clip import ClipTextModel
-from .config import ClipConfig
-from .tokenizer import ClipTokenizer
+from sdtorch.formats.checkpoint import CheckpointError, load_strict, read_state_dict
+from sdtorch.models.clip import ClipTextModel
+from sdtorch.config import ClipConfig
+from sdtorch.conditioning.tokenizer import ClipTokenizer
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the logit multiplier at 100 for stability
 METADATA_KEYS = {"text": "clip_config", "image": "image_tower_config"}  # configs in the file's metadata
@@ -174,7 +174,7 @@ class ClipJob:
 
 def similarity_picture(images: torch.Tensor, sim: torch.Tensor):  # -> PIL.Image
     """images (N, 3, S, S) in [-1, 1], sim (N, N) in [-1, 1] -> one (N*S, (N+1)*S) RGB picture."""
-    from .pipeline import to_pil
+    from sdtorch.generate.pipeline import to_pil
 
     n, s = sim.shape[0], images.shape[-1]
     cells = ((sim.float().cpu().clamp(-1, 1) + 1) / 2).repeat_interleave(s, 0).repeat_interleave(s, 1)

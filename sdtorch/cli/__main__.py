@@ -1,0 +1,5 @@
+import sys
+
+from sdtorch.cli import main
+
+sys.exit(main())
