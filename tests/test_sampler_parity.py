@@ -18,7 +18,7 @@ from reference_models import reference_scheduler  # noqa: E402
 from sdtorch import schedule  # noqa: E402
 from sdtorch.config import ScheduleConfig  # noqa: E402
 from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser  # noqa: E402
-from sdtorch.sampling.samplers import SAMPLERS, sample  # noqa: E402
+from sdtorch.sampling.samplers import NAMES, get_sampler, sample  # noqa: E402
 
 # The SD 1.5 scheduler config (PNDM, as the diffusers single-file loader writes it).
 SD_CONFIG = {
@@ -36,7 +36,7 @@ SD_CONFIG = {
     "prediction_type": "epsilon",
 }
 
-CASES = [(name, 0.0) for name in SAMPLERS if name != "ddim"] + [("ddim", 0.0), ("ddim", 1.0)]
+CASES = [(name, 0.0) for name in NAMES if name != "ddim"] + [("ddim", 0.0), ("ddim", 1.0)]
 MEASURED: dict[tuple, float] = {}
 
 
@@ -142,15 +142,15 @@ def _reference_grid(scheduler, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("steps", [1, 10, 20, 25, 50])
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", list(NAMES))
 def test_grid_and_timesteps_match_diffusers(name, steps):
     scheduler = _make(name, steps)
     ref_sigmas, ref_ts = _reference_grid(scheduler, name)
     cfg = ScheduleConfig()
     sigmas = schedule.sampling_sigmas(name, steps, cfg)
     assert torch.equal(sigmas, ref_sigmas.float())  # bit for bit
-    ts = schedule.sigma_to_t(sigmas[:-1], schedule.training_sigmas(cfg), SAMPLERS[name].quantize)
-    if SAMPLERS[name].quantize or "karras" not in name:
+    ts = schedule.sigma_to_t(sigmas[:-1], schedule.training_sigmas(cfg), get_sampler(name).quantize)
+    if get_sampler(name).quantize or "karras" not in name:
         assert torch.equal(ts, ref_ts.float())  # integer timesteps, exactly
     else:  # fractional t of Karras sigmas: diffusers interpolates in float64 from the float64 sigma
         torch.testing.assert_close(ts, ref_ts.float(), rtol=0, atol=2e-3)

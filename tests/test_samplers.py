@@ -11,7 +11,7 @@ import torch
 from sdtorch.sampling import schedule
 from sdtorch.config import ScheduleConfig
 from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser
-from sdtorch.sampling.samplers import SAMPLERS, ancestral_step, display_name, lms_coefficient, sample
+from sdtorch.sampling.samplers import NAMES, get_sampler, ancestral_step, display_name, lms_coefficient, sample
 
 CFG = ScheduleConfig()
 MU, S = 0.7, 0.5  # Gaussian data N(MU, S^2)
@@ -72,7 +72,7 @@ def test_karras_grid_endpoints():
 
 def test_sampling_grids_ends_and_lengths():
     train = schedule.training_sigmas(CFG)
-    for name in SAMPLERS:
+    for name in NAMES:
         grid = schedule.sampling_sigmas(name, 10, CFG)
         assert grid.shape == (11,) and torch.all(grid[1:] < grid[:-1]), name
         assert grid[-1].item() == (train[0].item() if name in ("ddim", "plms") else 0.0), name
@@ -164,14 +164,14 @@ def test_cfg_one_batch_negative_first():
 # --- samplers ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", list(NAMES))
 def test_point_mass_data(name):
     """With one data point the flow is a straight line to it: every sampler lands on it."""
     x0 = torch.tensor(0.3, dtype=torch.float64)
     sigmas = schedule.sampling_sigmas(name, 10, CFG).double()
     g = torch.Generator().manual_seed(1)
     x = x0 + sigmas[0] * torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
-    out = SAMPLERS[name].fn(lambda x, s: torch.full_like(x, 0.3), x, sigmas, disable=True,
+    out = get_sampler(name).fn(lambda x, s: torch.full_like(x, 0.3), x, sigmas, disable=True,
                             generator=torch.Generator().manual_seed(2))
     expected = x0 + (x - x0) * sigmas[-1] / sigmas[0]  # = x0 where the grid ends at 0
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
@@ -185,7 +185,7 @@ def test_gaussian_data_converges_to_the_exact_flow(name):
     for steps in (10, 20, 40):
         sigmas = schedule.get_sigmas_karras(steps, 0.02, 14.6).double()
         x = _start(sigmas[0].item())
-        out = SAMPLERS[name].fn(gaussian_denoiser, x, sigmas, disable=True)
+        out = get_sampler(name).fn(gaussian_denoiser, x, sigmas, disable=True)
         exact = exact_flow(x, sigmas[0].item(), 0.0)
         errors[steps] = ((out - exact).abs().max() / (exact - MU).abs().max()).item()
     if name in ("euler", "ddim"):
@@ -202,7 +202,7 @@ def test_ancestral_samplers_reach_the_data_distribution(name, eta):
     x = _start(sigmas[0].item(), shape=(16, 1, 32, 32), dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
     kwargs = {"eta": eta} if eta else {}
-    out = SAMPLERS[name].fn(gaussian_denoiser, x, sigmas, disable=True, generator=g, **kwargs)
+    out = get_sampler(name).fn(gaussian_denoiser, x, sigmas, disable=True, generator=g, **kwargs)
     assert out.mean().item() == pytest.approx(MU, abs=0.02)
     assert out.std().item() == pytest.approx(S, rel=0.04)
 
@@ -210,9 +210,9 @@ def test_ancestral_samplers_reach_the_data_distribution(name, eta):
 def test_ddim_eta_interpolates_between_ode_and_ddpm():
     sigmas = schedule.sampling_sigmas("ddim", 10, CFG)
     x = _start(sigmas[0].item(), dtype=torch.float32)
-    fn = SAMPLERS["ddim"].fn
+    fn = get_sampler("ddim").fn
     ode = fn(gaussian_denoiser, x, sigmas, disable=True)
-    assert torch.equal(ode, SAMPLERS["euler"].fn(gaussian_denoiser, x, sigmas, disable=True))
+    assert torch.equal(ode, get_sampler("euler").fn(gaussian_denoiser, x, sigmas, disable=True))
     g = torch.Generator().manual_seed(0)
     assert torch.equal(fn(gaussian_denoiser, x, sigmas, disable=True, generator=g, eta=0.0), ode)
     assert g.initial_seed() == 0 and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
@@ -250,7 +250,7 @@ def _run(name, seed=0, steps=6, **kwargs):
                   disable=True, **kwargs)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", list(NAMES))
 def test_callback_once_per_step(name):
     seen = []
     _run(name, steps=7, callback=seen.append)
@@ -260,7 +260,7 @@ def test_callback_once_per_step(name):
     assert [info["sigma"].item() for info in seen] == grid[:-1].tolist()
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", list(NAMES))
 def test_seeded_runs_are_reproducible(name):
     a, b, other = _run(name, seed=3), _run(name, seed=3), _run(name, seed=4)
     assert torch.equal(a, b) and not torch.allclose(a, other)
@@ -271,8 +271,8 @@ def test_stochastic_samplers_use_the_generator(name):
     generator = torch.Generator().manual_seed(0)
     x = torch.zeros(1, 1, 4, 4)
     sigmas = schedule.sampling_sigmas(name, 5, CFG)
-    first = SAMPLERS[name].fn(gaussian_denoiser, x, sigmas, disable=True, generator=generator)
-    second = SAMPLERS[name].fn(gaussian_denoiser, x, sigmas, disable=True, generator=generator)
+    first = get_sampler(name).fn(gaussian_denoiser, x, sigmas, disable=True, generator=generator)
+    second = get_sampler(name).fn(gaussian_denoiser, x, sigmas, disable=True, generator=generator)
     assert not torch.allclose(first, second)  # same start, later draws from the generator
     expected_state = torch.Generator().manual_seed(0)
     for _ in range(10):  # one draw per step, 5 steps per run
@@ -290,7 +290,7 @@ def test_sample_returns_vp_latents_and_passes_quantize():
     noise = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     out = sample("ddim", make_model, noise, 5, CFG, disable=True)
     grid = schedule.sampling_sigmas("ddim", 5, CFG)
-    x = SAMPLERS["ddim"].fn(gaussian_denoiser, noise * math.sqrt(1 + grid[0].item() ** 2), grid, disable=True)
+    x = get_sampler("ddim").fn(gaussian_denoiser, noise * math.sqrt(1 + grid[0].item() ** 2), grid, disable=True)
     torch.testing.assert_close(out, x / math.sqrt(1 + grid[-1].item() ** 2))
     sample("euler_karras", make_model, noise, 5, CFG, disable=True)
     assert flags == [True, False]
@@ -314,4 +314,4 @@ def test_sample_rejects_bad_arguments():
 def test_display_names():
     assert display_name("dpmpp_2m_karras") == "DPM++ 2M Karras"
     assert display_name("euler_a") == "Euler a"
-    assert len({s.label for s in SAMPLERS.values()}) == len(SAMPLERS)
+    assert len({display_name(n) for n in NAMES}) == len(NAMES)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sdtorch.sampling import samplers
+from sdtorch.sampling.schedulers import SCHEDULERS
 
 EXIT_BAD_INPUT = 2
 
@@ -37,7 +38,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=".safetensors / .ckpt file or diffusers folder (default: the built-in 64x64 emoji model)")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="dpmpp_2m_karras", help=f"one of: {', '.join(samplers.SAMPLERS)}")
+    p.add_argument("--sampler", default="dpmpp_2m_karras", help=f"one of: {', '.join(samplers.NAMES)}")
+    p.add_argument("--scheduler", default="automatic", choices=SCHEDULERS,
+                   help="spacing of the noise levels (automatic: the sampler's own, as in diffusers)")
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 turns guidance off")
     p.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
     p.add_argument("--batch", type=_positive_int, default=1)
@@ -182,11 +185,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = random.randrange(2**32) if args.seed is None else args.seed
     options = dict(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=seed,
                    batch_size=args.batch, eta=args.eta, clip_skip=args.clip_skip)
+    if args.scheduler != "automatic" and (args.command in ("edit", "attention") or getattr(args, "process", None)):
+        raise ValueError(f"--scheduler {args.scheduler} is not supported by {args.command} --process/edit/attention; "
+                         "use a combined sampler name such as euler_karras")
     if args.command == "generate" and args.process:
         images, frames, sigmas = pipe.process(args.prompt, args.negative, width=size[0], height=size[1], **options)
         print(save_process(frames, sigmas, args.process))
-    elif args.command == "generate":
-        images = pipe.generate(args.prompt, args.negative, width=size[0], height=size[1], **options)
+    elif args.command in ("generate", "img2img", "inpaint"):
+        images = pipe.run(_request(args, seed), progress=True).images
     elif args.command == "attention":
         images, maps, labels = pipe.attention(args.prompt, args.negative, width=size[0], height=size[1], **options)
         out = Path(args.out)
@@ -207,25 +213,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images = pipe.edit(args.prompt, args.target, mode=args.mode, cross_steps=args.cross_steps,
                            self_steps=args.self_steps, weights=weights, blend=args.blend or None,
                            negative_prompt=args.negative, width=size[0], height=size[1], **options)
-    elif args.command == "img2img":
-        images = pipe.img2img(args.image, args.prompt, args.negative, strength=args.strength, **options)
-    else:
-        images = _inpaint(pipe, args, options)
     _save_all(images, Path(args.out), seed)
     return 0
 
 
-def _inpaint(pipe, args, options):
-    if bool(args.mask) == bool(args.extend):
-        raise ValueError("inpaint needs exactly one of --mask (inpainting) or --extend (outpainting)")
-    if args.mask:
-        return pipe.inpaint(args.image, args.mask, args.prompt, args.negative, strength=args.strength, **options)
-    try:
-        left, right, top, bottom = (int(v) for v in args.extend.split(","))
-    except ValueError:
-        raise ValueError(f"--extend takes four integers L,R,T,B, got {args.extend!r}") from None
-    return pipe.outpaint(args.image, args.prompt, args.negative, left=left, right=right, top=top,
-                         bottom=bottom, strength=args.strength, **options)
+def _request(args: argparse.Namespace, seed: int):
+    """The `GenerationRequest` of a generate / img2img / inpaint command line."""
+    from sdtorch.generate import GenerationRequest
+    from sdtorch.generate.images import extend_canvas, open_image
+
+    init = mask = None
+    if args.command != "generate":
+        init = open_image(args.image)
+    if args.command == "inpaint":
+        if bool(args.mask) == bool(args.extend):
+            raise ValueError("inpaint needs exactly one of --mask (inpainting) or --extend (outpainting)")
+        if args.mask:
+            mask = open_image(args.mask, "L")
+        else:
+            try:
+                left, right, top, bottom = (int(v) for v in args.extend.split(","))
+            except ValueError:
+                raise ValueError(f"--extend takes four integers L,R,T,B, got {args.extend!r}") from None
+            init, mask = extend_canvas(init, left=left, right=right, top=top, bottom=bottom)
+    return GenerationRequest(
+        args.prompt, args.negative, args.steps, args.sampler, args.scheduler, args.cfg, seed,
+        getattr(args, "width", None), getattr(args, "height", None), args.batch, args.eta, args.clip_skip,
+        prompt_syntax=args.prompt_syntax, init_image=init, mask=mask,
+        strength=getattr(args, "strength", 0.75), deep_cache=args.deep_cache if args.deep_cache > 1 else 0,
+        deep_cache_branch=args.deep_cache_branch, tile_vae=args.tile_vae, attention_chunk=args.attention_chunk,
+    ).validate()
 
 
 def _save_all(images, out: Path, seed: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,6 +61,7 @@ class GenerationParams:
     eta: float = 0.0
     clip_skip: int | None = None
     extra: dict = field(default_factory=dict)
+    scheduler: str = "automatic"  # with a combined sampler name ("dpmpp_2m_karras"): automatic
 
 
 class Pipeline:
@@ -86,6 +88,18 @@ class Pipeline:
         # DeepCache (sdtorch.adapters.deepcache): (interval, branch) reuses deep UNet features between
         # full calls; an approximation, None = off.
         self.deep_cache: tuple[int, int] | None = None
+        # Per-request settings (`run`) are applied to the fields above for the length of one run
+        # and restored after it; this lock makes those scoped patches safe across threads.
+        self.lock = threading.RLock()
+
+    def run(self, request, on_step=None, cancel=None, *, progress: bool = False):
+        """Run a `GenerationRequest` (txt2img, img2img or inpainting) -> `RunResult` (images with
+        their infotexts, the request with its seed resolved). on_step(step, total, latents) after
+        every step; a cancelled `CancelToken` raises `Cancelled` at the next step. Thread-safe;
+        see `sdtorch.generate.run`."""
+        from sdtorch.generate.run import run
+
+        return run(self, request, on_step=on_step, cancel=cancel, progress=progress)
 
     def compile(self) -> None:
         """Run the UNet through torch.compile (inductor) in the denoising loop. The first call
@@ -194,6 +208,7 @@ class Pipeline:
             params.sampler, make_model, noise.to(self.device), params.steps, self.config.schedule,
             extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator,
             eta=params.eta, disable=not progress, prediction=self.config.prediction, init=init, start=start,
+            scheduler=params.scheduler,
         )
 
     def latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
@@ -420,7 +435,7 @@ class Pipeline:
         """The `parameters` text AUTOMATIC1111 writes into PNGs (and tools read back)."""
         fields = {
             "Steps": p.steps,
-            "Sampler": samplers.display_name(p.sampler),
+            "Sampler": samplers.display_name(p.sampler, p.scheduler),
             "CFG scale": p.cfg_scale,
             "Seed": p.seed,
             "Size": f"{p.width}x{p.height}",
@@ -455,9 +470,8 @@ def validate(p: GenerationParams, downscale: int = 8) -> None:
         raise ValueError(f"steps must be a positive integer, got {p.steps}")
     if not isinstance(p.batch_size, int) or p.batch_size <= 0:
         raise ValueError(f"batch size must be a positive integer, got {p.batch_size}")
-    if p.sampler not in samplers.SAMPLERS:
-        raise ValueError(f"unknown sampler {p.sampler!r}; choose from {', '.join(samplers.SAMPLERS)}")
-    if p.eta and not samplers.SAMPLERS[p.sampler].eta:
+    sampler = samplers.SAMPLERS[samplers.resolve(p.sampler, p.scheduler)[0]]
+    if p.eta and not sampler.eta:
         raise ValueError(f"sampler {p.sampler!r} takes no eta (got eta={p.eta}); only 'ddim' does")
 
 

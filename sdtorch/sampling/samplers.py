@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import trange
 
 from sdtorch.config import ScheduleConfig
-from sdtorch.sampling.schedule import GRIDS, init_noise_sigma, sampling_sigmas
+from sdtorch.sampling.schedule import init_noise_sigma
+from sdtorch.sampling.schedulers import LABELS, check_scheduler, grid
 
 Model = Callable[..., torch.Tensor]
 
@@ -290,47 +291,75 @@ SAMPLERS: dict[str, Sampler] = {
     "lms": Sampler(sample_lms, "LMS"),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, "DPM++ 2M", quantize=True),
     "unipc": Sampler(sample_unipc, "UniPC", quantize=True),
-    "euler_karras": Sampler(sample_euler, "Euler Karras"),
-    "euler_a_karras": Sampler(sample_euler_ancestral, "Euler a Karras"),
-    "heun_karras": Sampler(sample_heun, "Heun Karras"),
-    "lms_karras": Sampler(sample_lms, "LMS Karras"),
-    "dpmpp_2m_karras": Sampler(sample_dpmpp_2m, "DPM++ 2M Karras", quantize=True),
-    "unipc_karras": Sampler(sample_unipc, "UniPC Karras", quantize=True),
 }
-assert SAMPLERS.keys() == GRIDS.keys()
+# sdtorch 0.1's combined names, still accepted: "<sampler>_karras" = that sampler, scheduler "karras".
+ALIASES: dict[str, tuple[str, str]] = {f"{s}_karras": (s, "karras") for s in
+                                       ("euler", "euler_a", "heun", "lms", "dpmpp_2m", "unipc")}
+NAMES = (*SAMPLERS, *ALIASES)  # every name `sample` accepts
+# AUTOMATIC1111's sampler names (its API's `sampler_name`) -> sdtorch's; its scheduler comes apart.
+A1111_SAMPLERS: dict[str, str] = {s.label: name for name, s in SAMPLERS.items()}
+
+
+def resolve(name: str, scheduler: str = "automatic") -> tuple[str, str]:
+    """(sampler, scheduler) from a sampler name or a combined alias ("dpmpp_2m_karras")."""
+    if name in ALIASES and scheduler == "automatic":
+        return ALIASES[name]
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(NAMES)}")
+    check_scheduler(scheduler)
+    return name, scheduler
+
+
+def from_a1111(sampler_name: str, scheduler: str | None = None) -> tuple[str, str]:
+    """AUTOMATIC1111's sampler and schedule names ("DPM++ 2M Karras", or "DPM++ 2M" + "Karras")
+    -> sdtorch's (sampler, scheduler). Raises ValueError naming an unknown one."""
+    labels = {v.lower(): k for k, v in LABELS.items()}
+    sched = labels.get((scheduler or "automatic").lower(), (scheduler or "").lower())
+    name = sampler_name.strip()
+    for label in sorted(labels, key=len, reverse=True):  # a schedule spelled into the sampler name
+        if label != "automatic" and name.lower().endswith(" " + label) and sched == "automatic":
+            name, sched = name[: -len(label) - 1], labels[label]
+            break
+    match = {k.lower(): v for k, v in A1111_SAMPLERS.items()}.get(name.lower(), name if name in SAMPLERS else None)
+    if match is None:
+        raise ValueError(f"unknown sampler {sampler_name!r}; choose from {', '.join(A1111_SAMPLERS)}")
+    return resolve(match, sched)
 
 
 def get_sampler(name: str) -> Sampler:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    return SAMPLERS[resolve(name)[0]]
 
 
-def display_name(name: str) -> str:
+def display_name(name: str, scheduler: str = "automatic") -> str:
     """AUTOMATIC1111's name of a sampler ("dpmpp_2m_karras" -> "DPM++ 2M Karras")."""
-    return get_sampler(name).label
+    base, scheduler = resolve(name, scheduler)
+    label = SAMPLERS[base].label
+    return label if scheduler == "automatic" else f"{label} {LABELS[scheduler]}"
 
 
 def sample(name: str, make_model: Callable[[bool], Model], noise: torch.Tensor, steps: int,
            schedule: ScheduleConfig, *, extra_args: dict | None = None, callback: Callable | None = None,
            generator: torch.Generator | None = None, eta: float = 0.0, disable: bool | None = None,
-           prediction: str = "eps", init: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-    """Run sampler `name` for `steps` steps from unit `noise` (B, C, h, w); return latents in the
-    reference's VP space, equal to diffusers' final latents. `make_model(quantize)` builds the
-    denoiser `model(x, sigma, **extra_args) -> x0`; see the module docstring. `prediction` is
-    the model's ("eps" / "v"): only PLMS needs it, to mix outputs as the reference does.
+           prediction: str = "eps", init: torch.Tensor | None = None, start: int = 0,
+           scheduler: str = "automatic") -> torch.Tensor:
+    """Run sampler `name` for `steps` steps on the grid of `scheduler` from unit `noise`
+    (B, C, h, w); return latents in the reference's VP space, equal to diffusers' final latents.
+    `make_model(quantize)` builds the denoiser `model(x, sigma, **extra_args) -> x0`; see the module
+    docstring. `prediction` is the model's ("eps" / "v"): only PLMS needs it, to mix outputs as
+    the reference does.
 
     img2img: with clean latents `init`, the walk starts at grid index `start` from
     x = init + sigmas[start] * noise (diffusers' `add_noise` in VE space) and takes
     steps - start steps; with start == steps nothing is sampled and `init` comes back."""
-    sampler = get_sampler(name)
+    base, scheduler = resolve(name, scheduler)
+    sampler = SAMPLERS[base]
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if eta and not sampler.eta:
         raise ValueError(f"sampler {name!r} takes no eta (got eta={eta}); only 'ddim' does")
-    sigmas = sampling_sigmas(name, steps, schedule)  # stays on the CPU: no device syncs per step
+    sigmas, native = grid(base, scheduler, steps, schedule)  # stays on the CPU: no device syncs per step
     if init is None:
-        x = noise * init_noise_sigma(name, sigmas, schedule)
+        x = noise * (init_noise_sigma(native, sigmas, schedule) if native else sigmas[0].item())
     elif start >= steps:
         return init
     else:

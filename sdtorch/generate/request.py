@@ -1,0 +1,155 @@
+"""A generation request: every parameter of one run, as data.
+
+`GenerationRequest` is frozen: vary it with `dataclasses.replace`. `validate()` raises one
+`RequestError` naming the first bad field, so a CLI, a server or a notebook can say exactly what
+is wrong before any work starts. txt2img, img2img and inpainting are one request type: an
+`init_image` makes it img2img, a `mask` with it makes it inpainting.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from PIL import Image
+
+from sdtorch.sampling import samplers
+from sdtorch.sampling.schedulers import SCHEDULERS
+
+PromptSyntax = Literal["a1111", "plain"]
+
+
+class RequestError(ValueError):
+    """A bad request field; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class Cancelled(Exception):
+    """Raised by `Pipeline.run` at the first step after its `CancelToken` was cancelled."""
+
+
+class CancelToken:
+    """Thread-safe flag: `cancel()` from anywhere; the run stops at its next step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines the images of one run."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp_2m"  # sdtorch.sampling.samplers.NAMES (combined "_karras" names too)
+    scheduler: str = "karras"  # sdtorch.sampling.schedulers.SCHEDULERS
+    cfg_scale: float = 7.5  # <= 1: one unguided pass
+    seed: int = -1  # -1: random, resolved by `resolved()`
+    width: int | None = None  # None: the model's native size (or the init image's)
+    height: int | None = None
+    batch_size: int = 1
+    eta: float = 0.0  # DDIM only
+    clip_skip: int | None = None  # None: the model's (SD1: 1, SD2: 2)
+    prompt_syntax: PromptSyntax = "a1111"
+    loras: tuple[tuple[str, float], ...] = ()  # (path or name in the pipeline's LoRA folder, strength)
+    init_image: Image.Image | None = None  # img2img / inpainting source
+    mask: Image.Image | None = None  # white = repaint (with init_image)
+    strength: float = 0.75  # denoising strength of img2img (inpainting: 1.0 repaints fully)
+    deep_cache: int = 0  # DeepCache interval (0 or 1: off)
+    deep_cache_branch: int = 0
+    tile_vae: bool | None = None  # None: tiles above 1024x1024
+    attention_chunk: int = 0
+
+    @property
+    def kind(self) -> str:
+        if self.init_image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def resolved(self) -> GenerationRequest:
+        """The same request with a concrete seed."""
+        return self if self.seed >= 0 else replace(self, seed=random.randrange(2**32))
+
+    def validate(self, downscale: int = 8) -> GenerationRequest:
+        """Raise `RequestError` for the first bad field; returns self."""
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise RequestError(name, f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        _check_int(self, "steps", 1)
+        _check_int(self, "batch_size", 1)
+        _check_int(self, "seed", -1)
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v <= 0 or v % 8 or v % downscale):
+                raise RequestError(name, f"{name} must be a positive multiple of 8, got {v}")
+        try:
+            base, _ = samplers.resolve(self.sampler, self.scheduler if self.scheduler in SCHEDULERS else "automatic")
+        except ValueError as e:
+            raise RequestError("sampler", str(e)) from None
+        if self.scheduler not in SCHEDULERS:
+            raise RequestError("scheduler", f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if self.eta and not samplers.SAMPLERS[base].eta:
+            raise RequestError("eta", f"sampler {self.sampler!r} takes no eta (got eta={self.eta}); only 'ddim' does")
+        _check_number(self, "cfg_scale")
+        if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 1):
+            raise RequestError("clip_skip", f"clip_skip must be a positive integer, got {self.clip_skip!r}")
+        if self.prompt_syntax not in ("a1111", "plain"):
+            raise RequestError("prompt_syntax", f"prompt syntax must be 'a1111' or 'plain', got {self.prompt_syntax!r}")
+        if not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:
+            raise RequestError("strength", f"strength must be in [0, 1], got {self.strength!r}")
+        self._validate_images()
+        self._validate_adapters()
+        return self
+
+    def _validate_images(self) -> None:
+        for name in ("init_image", "mask"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Image.Image):
+                raise RequestError(name, f"{name} must be a PIL image, got {type(v).__name__}")
+        if self.mask is not None and self.init_image is None:
+            raise RequestError("mask", "a mask needs an init_image to inpaint")
+        if self.mask is not None and self.mask.size != self.init_image.size:
+            raise RequestError("mask", f"mask is {self.mask.size[0]}x{self.mask.size[1]} but the image is "
+                                       f"{self.init_image.size[0]}x{self.init_image.size[1]}")
+
+    def _validate_adapters(self) -> None:
+        for item in self.loras:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], (int, float))):
+                raise RequestError("loras", f"loras must be (name, strength) pairs, got {item!r}")
+        if not _is_int(self.deep_cache) or self.deep_cache < 0:
+            raise RequestError("deep_cache", f"deep_cache must be >= 0, got {self.deep_cache!r}")
+        if not _is_int(self.deep_cache_branch) or self.deep_cache_branch < 0:
+            raise RequestError("deep_cache_branch", f"deep_cache_branch must be >= 0, got {self.deep_cache_branch!r}")
+        if not _is_int(self.attention_chunk) or self.attention_chunk < 0:
+            raise RequestError("attention_chunk", f"attention chunk must be >= 0 (0 = off), got {self.attention_chunk!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int(r: GenerationRequest, name: str, low: int) -> None:
+    v = getattr(r, name)
+    if not _is_int(v) or v < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise RequestError(name, f"{name.replace('_', ' ')} must be {what}, got {v}")
+
+
+def _check_number(r: GenerationRequest, name: str) -> None:
+    v = getattr(r, name)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+        raise RequestError(name, f"{name} must be a number, got {v!r}")

@@ -1,0 +1,133 @@
+"""`Pipeline.run`: one `GenerationRequest` in, images and their infotexts out.
+
+A request's settings that live on the loaded pipeline (prompt syntax, LoRAs, DeepCache, tiled
+VAE, attention chunking) are applied for the length of the run and restored afterwards, under
+the pipeline's lock, so concurrent runs on one loaded model never see each other's settings.
+`on_step(step, total, latents)` is called after every sampler step with the current denoised
+estimate (B, C, h, w) (for progress bars and previews); a cancelled `CancelToken` stops the run
+at its next step with `Cancelled`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor
+from sdtorch.generate.request import Cancelled, CancelToken, GenerationRequest, RequestError
+from sdtorch.sampling import samplers
+
+OnStep = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    images: list[Image.Image]  # each with .info["parameters"]
+    request: GenerationRequest  # with the seed resolved
+
+    @property
+    def infotexts(self) -> list[str]:
+        return [im.info.get("parameters", "") for im in self.images]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.request.seed] * len(self.images)
+
+
+def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
+        cancel: CancelToken | None = None, progress: bool = False) -> RunResult:
+    request = request.validate(pipe.vae.downscale).resolved()
+    with pipe.lock, _scoped(pipe, request):
+        params = _params(pipe, request)
+        pixels = _pixels(request)
+        total = request.steps - (img2img_start(request.steps, request.strength) if pixels is not None else 0)
+        if request.kind == "inpaint" and request.strength >= 1:
+            total = request.steps
+        callback = _callback(on_step, cancel, total)
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled("cancelled before it started")
+        if pixels is None:
+            latents = pipe.generate_latents(params, callback, progress)
+        elif request.mask is None:
+            params.extra["Denoising strength"] = request.strength
+            latents = pipe.img2img_latents(pixels, params, request.strength, callback, progress)
+        else:
+            params.extra["Denoising strength"] = request.strength
+            mask = mask_tensor(request.mask, pixels.shape[-1], pixels.shape[-2])
+            latents = pipe.inpaint_latents(pixels, mask, params, request.strength, callback, progress)
+        return RunResult(pipe._images(params, latents), request)
+
+
+def _params(pipe, r: GenerationRequest):
+    from sdtorch.generate.pipeline import GenerationParams
+
+    size = pipe.config.sample_size
+    if r.init_image is not None:  # the picture's own size, rounded down to a multiple of 8
+        w, h = r.init_image.size
+        size_w, size_h = r.width or w - w % 8, r.height or h - h % 8
+    else:
+        size_w, size_h = r.width or size, r.height or size
+    sampler, scheduler = samplers.resolve(r.sampler, r.scheduler)
+    if scheduler == "karras" and f"{sampler}_karras" in samplers.ALIASES:  # the combined name, as 0.1 wrote it
+        sampler, scheduler = f"{sampler}_karras", "automatic"
+    return GenerationParams(r.prompt, r.negative_prompt, r.steps, sampler, r.cfg_scale, r.seed, size_w, size_h,
+                            r.batch_size, r.eta, r.clip_skip, scheduler=scheduler)
+
+
+def _pixels(r: GenerationRequest) -> torch.Tensor | None:
+    if r.init_image is None:
+        return None
+    w, h = r.init_image.size
+    return image_tensor(r.init_image, r.width or w - w % 8, r.height or h - h % 8)
+
+
+def _callback(on_step: OnStep | None, cancel: CancelToken | None, total: int):
+    count = [0]
+
+    def callback(d: dict) -> None:
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled(f"cancelled at step {count[0]} of {total}")
+        count[0] += 1
+        if on_step is not None:
+            on_step(count[0], total, d["denoised"])
+
+    return callback
+
+
+@contextmanager
+def _scoped(pipe, r: GenerationRequest):
+    """Apply the request's pipeline-level settings; restore the previous ones afterwards."""
+    saved = (pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk)
+    applied = []
+    try:
+        pipe.prompt_syntax = r.prompt_syntax
+        pipe.deep_cache = (r.deep_cache, r.deep_cache_branch) if r.deep_cache > 1 else None
+        pipe.tile_vae = r.tile_vae if r.tile_vae is not None else saved[2]
+        pipe.attention_chunk = r.attention_chunk
+        for name, strength in r.loras:
+            applied.append(pipe.load_lora(_lora_path(pipe, name), strength))
+        yield
+    finally:
+        for a in applied:
+            pipe.loras.remove(a)
+        pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk = saved
+
+
+def _lora_path(pipe, name: str):
+    from pathlib import Path
+
+    from sdtorch.adapters.lora import resolve_lora
+
+    if Path(name).is_file():
+        return Path(name)
+    directory = getattr(pipe.lora_loader, "directory", None)
+    if directory is None:
+        raise RequestError("loras", f"LoRA {name!r} is not a file and no LoRA directory was given")
+    try:
+        return resolve_lora(name, directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise RequestError("loras", str(e)) from None
