@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import sdtorch
+from sdtorch.editing import inspect, p2p  # noqa: F401
 from sdtorch.editing.pictures import attention_grid, process_strip, row
 
 PROMPTS = ["woman running facing right", "grinning face", "man pilot", "waving hand", "red heart", "flag of Italy",
@@ -43,14 +44,14 @@ def main() -> None:
     painted = pipe.inpaint(samples[1], mask, "grinning face", sampler="ddim", **opts)[0]
     row([samples[1], mask.convert("RGB"), painted], ["input", "mask", "inpainted"]).save(args.out / "inpaint.png")
 
-    src, edited = pipe.edit("woman running facing right", "man running facing right", sampler="ddim", **opts)
+    src, edited = p2p.edit(pipe, "woman running facing right", "man running facing right", sampler="ddim", **opts)
     fresh = pipe.generate("man running facing right", sampler="ddim", **opts)[0]
     row([src, edited, fresh], ["woman", "edit: man", "man, no edit"]).save(args.out / "edit.png")
 
-    images, maps, labels = pipe.attention("woman running facing right", sampler="ddim", **opts)
+    images, maps, labels = inspect.attention(pipe, "woman running facing right", sampler="ddim", **opts)
     attention_grid(images[0], maps[0], labels).save(args.out / "attention.png")
 
-    _, frames, sigmas = pipe.process("grinning face", sampler="dpmpp_2m", **opts)
+    _, frames, sigmas = inspect.process(pipe, "grinning face", sampler="dpmpp_2m", **opts)
     process_strip(frames, sigmas).save(args.out / "process.png")
     print("\n".join(str(p) for p in sorted(args.out.glob("*.png"))))
 

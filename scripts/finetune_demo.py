@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import sdtorch
 from sdtorch.cli import main as sdtorch_cli
-from sdtorch.training.dreambooth import class_images
 from sdtorch.generate.pipeline import BUILTIN
+from sdtorch.training.dreambooth import class_images
 
 INSTANCE_PROMPT = "a sks emoji"
 CLASS_PROMPT = "an emoji"

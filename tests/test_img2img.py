@@ -11,6 +11,7 @@ from reference_models import reference_scheduler
 import sdtorch
 import sdtorch.formats.checkpoint
 from sdtorch.config import TINY
+from sdtorch.editing import inspect, p2p  # noqa: F401
 from sdtorch.generate.images import extend_canvas, image_tensor, img2img_start, mask_tensor
 from sdtorch.generate.pipeline import GenerationParams
 
@@ -151,7 +152,7 @@ def test_attention_maps_sum_to_one_over_all_tokens(tiny):
     maps = store.maps((32, 32))  # tiny: latents 32x32, attention at 16x16
     assert maps.shape == (2, 77, 16, 16)
     assert torch.allclose(maps.sum(dim=1), torch.ones(2, 16, 16), atol=1e-5)
-    images, token_maps, labels = tiny.attention("a red apple", steps=3, seed=0, width=64, height=64, progress=False)
+    images, token_maps, labels = inspect.attention(tiny, "a red apple", steps=3, seed=0, width=64, height=64, progress=False)
     assert labels == ["a", "red", "apple"] and token_maps.shape == (1, 3, 16, 16)
     assert (token_maps.sum(dim=1) <= 1 + 1e-5).all()
 
@@ -160,12 +161,12 @@ def test_hooks_do_not_change_the_image_much_and_process_frames(tiny, tmp_path):
     from sdtorch.editing.pictures import attention_grid, save_process
 
     plain = tiny.generate("a red apple", steps=3, seed=0, width=64, height=64, progress=False)[0]
-    images, maps, labels = tiny.attention("a red apple", steps=3, seed=0, width=64, height=64, progress=False)
+    images, maps, labels = inspect.attention(tiny, "a red apple", steps=3, seed=0, width=64, height=64, progress=False)
     diff = np.abs(np.asarray(plain, dtype=np.int16) - np.asarray(images[0], dtype=np.int16)).max()
     assert diff <= 2  # explicit softmax vs fused attention: rounding only
     grid = attention_grid(images[0], maps[0], labels)
     assert grid.size == (64 * 4, 64 + 14)
-    images, frames, sigmas = tiny.process("a red apple", steps=4, seed=0, width=64, height=64, progress=False)
+    images, frames, sigmas = inspect.process(tiny, "a red apple", steps=4, seed=0, width=64, height=64, progress=False)
     assert len(frames) == 4 and sigmas == sorted(sigmas, reverse=True)
     assert np.asarray(frames[-1]).tolist() != np.asarray(frames[0]).tolist()
     assert save_process(frames, sigmas, tmp_path / "p.gif").stat().st_size > 0
@@ -177,7 +178,7 @@ def test_identity_edit_is_plain_generation_bit_for_bit(tiny, sampler):
     opts = dict(steps=5, sampler=sampler, seed=3, width=64, height=64, progress=False)
     plain = tiny.generate("a red apple", **opts)[0]
     for mode in ("replace", "refine"):
-        source, edited = tiny.edit("a red apple", "a red apple", mode=mode, cross_steps=1.0, self_steps=1.0, **opts)
+        source, edited = p2p.edit(tiny, "a red apple", "a red apple", mode=mode, cross_steps=1.0, self_steps=1.0, **opts)
         assert source.tobytes() == plain.tobytes(), mode
         assert edited.tobytes() == plain.tobytes(), mode
 
@@ -185,13 +186,13 @@ def test_identity_edit_is_plain_generation_bit_for_bit(tiny, sampler):
 def test_word_swap_changes_the_edit_but_keeps_the_source(tiny):
     opts = dict(steps=5, seed=3, width=64, height=64, progress=False)
     plain = tiny.generate("a red apple", sampler="ddim", **opts)[0]
-    source, edited = tiny.edit("a red apple", "a green apple", **opts)
+    source, edited = p2p.edit(tiny, "a red apple", "a green apple", **opts)
     other = tiny.generate("a green apple", sampler="ddim", **opts)[0]
     assert source.tobytes() == plain.tobytes()
     a, b, c = (np.asarray(im, dtype=np.float32) for im in (plain, edited, other))
     assert np.abs(a - b).mean() > 0  # the edit changed something ...
     assert np.abs(a - b).mean() < np.abs(a - c).mean()  # ... and kept closer to the source than a fresh prompt
-    source, reweighted = tiny.edit("a red apple", "a red apple", mode="reweight", weights={"red": 3.0}, **opts)
+    source, reweighted = p2p.edit(tiny, "a red apple", "a red apple", mode="reweight", weights={"red": 3.0}, **opts)
     assert reweighted.tobytes() != plain.tobytes()
 
 
@@ -199,26 +200,26 @@ def test_local_blend_keeps_the_rest_exactly(tiny):
     steps = []
     region = torch.zeros(1, 1, 64, 64)
     region[..., :, 32:] = 1  # the right half may change
-    tiny.edit("a red apple", "a green apple", blend=region, steps=4, seed=3, width=64, height=64,
+    p2p.edit(tiny, "a red apple", "a green apple", blend=region, steps=4, seed=3, width=64, height=64,
               progress=False, cross_steps=0.5, callback=lambda d: steps.append(d["x"].clone()))
     assert len(steps) == 4
     for x in steps:
         assert torch.equal(x[0, :, :, :16], x[1, :, :, :16])  # left half of the 32x32 latents: identical
     assert not torch.equal(steps[-1][0, :, :, 16:], steps[-1][1, :, :, 16:])  # right half: edited
-    images = tiny.edit("a red apple", "a green apple", blend=["apple"], steps=2, seed=3, width=64, height=64,
+    images = p2p.edit(tiny, "a red apple", "a green apple", blend=["apple"], steps=2, seed=3, width=64, height=64,
                        progress=False)  # words: the mask comes from the source's attention to them
     assert len(images) == 2
 
 
 def test_edit_errors(tiny):
     with pytest.raises(ValueError, match="same token count"):
-        tiny.edit("a red apple", "a very red apple", steps=2)
+        p2p.edit(tiny, "a red apple", "a very red apple", steps=2)
     with pytest.raises(ValueError, match="not a word of the edited prompt"):
-        tiny.edit("a red apple", "a red apple", mode="reweight", weights={"blue": 2.0}, steps=2)
+        p2p.edit(tiny, "a red apple", "a red apple", mode="reweight", weights={"blue": 2.0}, steps=2)
     with pytest.raises(ValueError, match="deterministic one-call-per-step sampler"):
-        tiny.edit("a red apple", "a green apple", sampler="euler_a", steps=2)
+        p2p.edit(tiny, "a red apple", "a green apple", sampler="euler_a", steps=2)
     with pytest.raises(ValueError, match="unknown edit mode"):
-        tiny.edit("a", "b", mode="swap", steps=2)
+        p2p.edit(tiny, "a", "b", mode="swap", steps=2)
 
 
 @pytest.mark.slow

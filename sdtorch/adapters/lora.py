@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdtorch.config import UNetConfig
 from sdtorch.formats import diffusers as convert
 from sdtorch.formats.checkpoint import _few, read_state_dict
 from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import UNetConfig
 from sdtorch.models.unet import UNetModel
 
 Target = tuple[str, str]  # ("unet" | "clip", module path in sdtorch = the original checkpoint layout)

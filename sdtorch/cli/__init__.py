@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path")
     info.add_argument("--prediction", choices=["eps", "v"], default=None)
 
-    from sdtorch.training.data import add_dataset_command
     from sdtorch.cli.train import add_train_command
+    from sdtorch.training.data import add_dataset_command
 
     add_dataset_command(sub)
     add_train_command(sub)
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sdtorch.editing import inspect, p2p
     from sdtorch.editing.pictures import attention_grid, save_process
     from sdtorch.generate.pipeline import GenerationParams, load, validate
 
@@ -189,12 +190,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--scheduler {args.scheduler} is not supported by {args.command} --process/edit/attention; "
                          "use a combined sampler name such as euler_karras")
     if args.command == "generate" and args.process:
-        images, frames, sigmas = pipe.process(args.prompt, args.negative, width=size[0], height=size[1], **options)
+        images, frames, sigmas = inspect.process(pipe, args.prompt, args.negative, width=size[0], height=size[1], **options)
         print(save_process(frames, sigmas, args.process))
     elif args.command in ("generate", "img2img", "inpaint"):
         images = pipe.run(_request(args, seed), progress=True).images
     elif args.command == "attention":
-        images, maps, labels = pipe.attention(args.prompt, args.negative, width=size[0], height=size[1], **options)
+        images, maps, labels = inspect.attention(pipe, args.prompt, args.negative, width=size[0], height=size[1], **options)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
@@ -210,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             except ValueError:
                 raise ValueError(f"--weight takes WORD=NUMBER, got {item!r}") from None
         options.pop("batch_size"), options.pop("eta"), options.pop("clip_skip")
-        images = pipe.edit(args.prompt, args.target, mode=args.mode, cross_steps=args.cross_steps,
+        images = p2p.edit(pipe, args.prompt, args.target, mode=args.mode, cross_steps=args.cross_steps,
                            self_steps=args.self_steps, weights=weights, blend=args.blend or None,
                            negative_prompt=args.negative, width=size[0], height=size[1], **options)
     _save_all(images, Path(args.out), seed)
@@ -278,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        from sdtorch.training.data import cmd_dataset
         from sdtorch.cli.train import cmd_train
+        from sdtorch.training.data import cmd_dataset
 
         commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "attention": cmd_generate,
                     "edit": cmd_generate,

@@ -12,12 +12,7 @@ from pathlib import Path
 import torch
 
 from sdtorch.config import PRESETS, ModelConfig
-
-COMMON = {
-    "steps": int, "batch_size": int, "grad_accum": int, "lr": float, "warmup": int,
-    "grad_clip": float, "ema_decay": float, "seed": int, "log_every": int,
-    "sample_every": int, "save_every": int,
-}
+from sdtorch.training.options import COMMON, train_config
 
 
 def add_train_command(sub) -> None:
@@ -55,7 +50,6 @@ def add_train_command(sub) -> None:
             p.add_argument("--text-encoder", action="store_true", help="also train LoRA layers in the text encoder")
             _fine_tune_arguments(p)
     _add_dreambooth_command(jobs)
-    from sdtorch.training.ti_train import add_embedding_command
 
     add_embedding_command(jobs)  # textual inversion (sdtorch/ti_train.py)
 
@@ -94,13 +88,6 @@ def _fine_tune_arguments(p) -> None:
     p.add_argument("--prompts", nargs="*", default=[], help="prompts for the sample grids")
 
 
-def _train_config(args, **defaults):
-    from sdtorch.training.train import TrainConfig
-
-    given = {k: getattr(args, k) for k in COMMON if getattr(args, k) is not None}
-    return TrainConfig(out=args.out, bf16=args.bf16, **(defaults | given))
-
-
 def _dataset(args, preset: ModelConfig):
     from sdtorch.training.data import ImageCaptionDataset
 
@@ -112,7 +99,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sdtorch.training.train import train
 
     if args.job == "embedding":
-        from sdtorch.training.ti_train import train_embedding
 
         print(*train_embedding(args), sep="\n")
         return 0
@@ -121,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     preset = PRESETS[args.preset]
     data = _dataset(args, preset)
-    cfg = _train_config(args)
+    cfg = train_config(args)
     torch.manual_seed(cfg.seed)
     if args.job == "vae":
         preview = torch.stack([data[i]["image"] for i in _spread(len(data), 8)])
@@ -161,7 +147,7 @@ def _train_lora(args) -> Path:
     from sdtorch.training.train import train
 
     pipe = load(args.checkpoint, prediction=args.prediction)
-    cfg = _train_config(args)
+    cfg = train_config(args)
     data = _dataset(args, pipe.config)
     job = _lora_job(args, pipe, cfg, rank=args.rank, text_encoder=args.text_encoder,
                     metadata={"ss_num_train_images": str(len(data))})
@@ -171,8 +157,8 @@ def _train_lora(args) -> Path:
 
 def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[str, str]):
     """A new LoRA network (`--alpha`, `--layers`) on the loaded model, as a LoRAJob."""
-    from sdtorch.training.jobs import LoRAJob
     from sdtorch.adapters.lora import new_network
+    from sdtorch.training.jobs import LoRAJob
 
     layers = tuple(g.strip() for g in args.layers.split(",") if g.strip())
     network = new_network(pipe.unet, pipe.clip, rank=rank, alpha=args.alpha, layers=layers,
@@ -185,14 +171,14 @@ def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[
 
 def _train_dreambooth(args) -> Path:
     """Full fine-tuning (model.safetensors) or, with --lora RANK, a LoRA (lora.safetensors)."""
+    from sdtorch.generate.pipeline import DTYPES, load
     from sdtorch.training.dreambooth import DreamBoothJob
     from sdtorch.training.jobs import UNetJob
-    from sdtorch.generate.pipeline import DTYPES, load
     from sdtorch.training.train import train
 
     pipe = load(args.checkpoint, prediction=args.prediction)
     # diffusers' DreamBooth example: batches of one subject image (+ one class image), a small constant lr, no EMA.
-    cfg = _train_config(args, steps=400, batch_size=1, warmup=0, ema_decay=0.0, lr=1e-4 if args.lora else 5e-6)
+    cfg = train_config(args, steps=400, batch_size=1, warmup=0, ema_decay=0.0, lr=1e-4 if args.lora else 5e-6)
     data = _dreambooth_data(args, pipe, cfg.seed)
     if args.lora:
         inner = _lora_job(args, pipe, cfg, rank=args.lora, text_encoder=args.train_text_encoder,
@@ -257,3 +243,54 @@ def measure_scaling_factor(vae, data, n: int = 256) -> float:
     images = torch.stack([data[i]["image"] for i in _spread(len(data), n)])
     z = torch.cat([vae.encode(chunk).mean for chunk in images.split(32)])
     return float(1.0 / z.flatten().std())
+
+
+def add_embedding_command(jobs) -> None:
+    """`sdtorch train embedding`: textual inversion."""
+    p = jobs.add_parser("embedding", help="textual inversion: new token vectors for a name, the model frozen")
+    p.add_argument("--checkpoint", "-c", required=True, help="the model (.safetensors / .ckpt / diffusers folder)")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None, help="the model's (default: detected)")
+    p.add_argument("--data", required=True, help="image folder (captions with {} needed only without --template)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, samples/, the embedding)")
+    p.add_argument("--name", required=True, help="the trigger word, e.g. sks-style (also the file name)")
+    p.add_argument("--init-word", default="*", help="start from this word's token embeddings")
+    p.add_argument("--vectors", type=int, default=1, help="vectors per token (token slots the name takes)")
+    p.add_argument("--template", nargs="+", default=[], help='captions with {} for the name, e.g. "a {} emoji" '
+                   "(one drawn per sample); default: the dataset's captions, each with a {}")
+    p.add_argument("--prompts", nargs="*", default=[], help="prompts for the sample grids ({} = the name); "
+                   "default: the first template")
+    p.add_argument("--size", type=int, default=None, help="training image size (default: the model's)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    for key, kind in COMMON.items():
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
+
+
+def train_embedding(args) -> list[Path]:
+    """Run `sdtorch train embedding`; returns OUT/embeddings/NAME.pt and OUT/NAME.safetensors."""
+    from sdtorch.generate.pipeline import load
+    from sdtorch.training.data import ImageCaptionDataset
+    from sdtorch.training.ti_train import EmbeddingJob
+    from sdtorch.training.train import train
+
+    pipe = load(args.checkpoint, prediction=args.prediction)
+    # A1111's recipe: lr 5e-3, no weight decay (it would pull the vectors towards 0), no EMA.
+    cfg = train_config(args, steps=3000, batch_size=4, lr=5e-3, weight_decay=0.0, ema_decay=0.0)
+    caption = "" if args.template else None  # with templates the folder may be bare images
+    data = ImageCaptionDataset(args.data, args.size or pipe.config.sample_size, flip=args.flip, seed=cfg.seed,
+                               caption=caption)
+    prompts = args.prompts or (args.template or [data.items[0][1]])[:1]
+    job = EmbeddingJob(pipe.config, pipe.unet, pipe.vae, pipe.clip, name=args.name, init_word=args.init_word,
+                       vectors=args.vectors, templates=args.template, preview_prompts=prompts)
+    if not args.template:
+        for _, text in data.items:
+            job.fill(text)  # every caption checked before training starts
+    if not args.flip and data.center_crop:  # items never change: encode them once
+        job.base.cache_bf16 = args.bf16
+        job.base.cache_latents(data)
+    ema = train(job, data, cfg)
+    out = Path(args.out)
+    # Apart: the run folder's last.pt is no embedding, and one folder with both files would name
+    # the trigger word twice.
+    return [job.export(ema, out / "embeddings" / f"{args.name}.pt", step=cfg.steps),
+            job.export(ema, out / f"{args.name}.safetensors", step=cfg.steps)]

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from PIL import Image  # noqa: F401  (return type of edit)
 from torch import nn
 
-from sdtorch.sampling import samplers
 from sdtorch.generate.pipeline import GenerationParams, to_pil, validate
 from sdtorch.models.unet import CrossAttention
+from sdtorch.sampling import samplers
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,7 @@ def edit(pipe, prompt: str, target: str, *, mode: str = "replace", cross_steps: 
     def make_model(quantize: bool):
         return EditDenoiser(pipe.denoiser(cfg_scale, quantize), control, cond_src, cond_edit, uncond, mask)
 
-    with hooked(pipe.unet, control, cross=True, self_attn=True):
+    with pipe.lock, hooked(pipe.unet, control, cross=True, self_attn=True):
         latents = samplers.sample(sampler, make_model, noise.to(pipe.device), steps, pipe.config.schedule,
                                   callback=callback, disable=not progress, prediction=pipe.config.prediction)
     source, edited = to_pil(pipe.decode(latents))
@@ -241,7 +241,7 @@ def token_positions(pipe, ids: list[int], word: str) -> list[int]:
 def blend_mask(pipe, params: GenerationParams, words: list[str]) -> torch.Tensor:
     """Where the source image attends to `words` (> 30 % of the strongest), at latent size."""
     store = AttentionStore()
-    with hooked(pipe.unet, store):
+    with pipe.lock, hooked(pipe.unet, store):
         pipe.generate_latents(params, progress=False)
     f = pipe.vae.downscale
     latent_hw = (params.height // f, params.width // f)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdtorch.formats import diffusers as convert
 from sdtorch.config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
+from sdtorch.formats import diffusers as convert
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import random
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,47 +20,32 @@ import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdtorch.formats import checkpoint
-
-from sdtorch.adapters import lora
-
-from sdtorch.sampling import samplers
-
-from sdtorch.adapters import tiling
-from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import ModelConfig, Prediction
+from sdtorch.adapters import lora, tiling
 from sdtorch.adapters.deepcache import DeepCache
-from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
-from sdtorch.conditioning.embeddings import load_embeddings
 from sdtorch.adapters.fast import CompiledModule, fast_layout
-from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
-from sdtorch.conditioning.prompts import Chunk, embedding_lookup, encode_chunks, extract_loras, pad_to_same_length, tokenize_prompt
+from sdtorch.conditioning.embeddings import load_embeddings
+from sdtorch.conditioning.prompts import (
+    Chunk,
+    embedding_lookup,
+    encode_chunks,
+    extract_loras,
+    pad_to_same_length,
+    tokenize_prompt,
+)
 from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.config import ModelConfig, Prediction
+from sdtorch.formats import checkpoint
+from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
+from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import CrossAttention, UNetModel
 from sdtorch.models.vae import AutoencoderKL
+from sdtorch.sampling import samplers
+from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class GenerationParams:
-    """Everything that determines an image, as written into its PNG."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "dpmpp_2m_karras"
-    cfg_scale: float = 7.5
-    seed: int = 0
-    width: int | None = 512  # None: the model's native size
-    height: int | None = 512
-    batch_size: int = 1
-    eta: float = 0.0
-    clip_skip: int | None = None
-    extra: dict = field(default_factory=dict)
-    scheduler: str = "automatic"  # with a combined sampler name ("dpmpp_2m_karras"): automatic
 
 
 class Pipeline:
@@ -337,46 +321,6 @@ class Pipeline:
         canvas, mask = extend_canvas(image, left=left, right=right, top=top, bottom=bottom)
         return self.inpaint(canvas, mask, prompt, negative_prompt, **options)
 
-    def attention(self, prompt: str, negative_prompt: str = "", **options):
-        """Generate (options as `generate`) while recording cross-attention. Returns (images,
-        maps (B, T, h, w) for the prompt's T tokens without start/end, token labels). Over all
-        77 token positions a pixel's attention sums to 1; these T maps hold part of that mass."""
-        from sdtorch.editing.p2p import AttentionStore, hooked
-
-        store = AttentionStore(batch=options.get("batch_size", 1))
-        with hooked(self.unet, store):
-            images = self.generate(prompt, negative_prompt, **options)
-        f = self.vae.downscale
-        maps = store.maps((images[0].height // f, images[0].width // f))
-        ids = self.tokenizer.encode(prompt)[: self.config.clip.max_length - 2]
-        if self.prompt_syntax == "a1111":  # the first chunk's tokens, as encoded
-            first = self.prompt_chunks(prompt)[0].tokens
-            ids = first[1 : first.index(self.tokenizer.eos_id)]
-        labels = [self.tokenizer.decode([i]).strip() or "?" for i in ids]
-        return images, maps[:, 1 : 1 + len(ids)], labels
-
-    def process(self, prompt: str, negative_prompt: str = "", **options):
-        """Generate (options as `generate`) and decode the predicted clean image of every step.
-        Returns (images, frames of the first image, their noise levels sigma)."""
-        latents, sigmas = [], []
-
-        def record(d: dict) -> None:
-            latents.append(d["denoised"][:1].clone())
-            sigmas.append(float(d["sigma"]))
-            if callback:
-                callback(d)
-
-        callback = options.pop("callback", None)
-        images = self.generate(prompt, negative_prompt, callback=record, **options)
-        frames = [to_pil(self.decode(z))[0] for z in latents]
-        return images, frames, sigmas
-
-    def edit(self, prompt: str, target: str, **options) -> list[Image.Image]:
-        """Prompt-to-prompt editing: [source image, edited image]; see `sdtorch.editing.edit`."""
-        from sdtorch.editing.p2p import edit
-
-        return edit(self, prompt, target, **options)
-
     def _pixels(self, image: ImageLike, options: dict) -> torch.Tensor:
         """The input picture at the requested size, or its own size rounded down to a multiple of 8."""
         if isinstance(image, torch.Tensor):
@@ -454,25 +398,6 @@ class Pipeline:
         line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != "")
         neg = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
         return f"{p.prompt}{neg}\n{line}"
-
-
-def validate(p: GenerationParams, downscale: int = 8) -> None:
-    """Raise TypeError/ValueError naming the first bad parameter (sizes may be None: native)."""
-    if not isinstance(p.prompt, str) or not isinstance(p.negative_prompt, str):
-        raise TypeError(f"prompt and negative prompt must be strings, got {type(p.prompt).__name__}")
-    for name in ("width", "height"):
-        v = getattr(p, name)
-        if v is None:
-            continue
-        if not isinstance(v, int) or v <= 0 or v % 8 or v % downscale:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
-    if not isinstance(p.steps, int) or p.steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {p.steps}")
-    if not isinstance(p.batch_size, int) or p.batch_size <= 0:
-        raise ValueError(f"batch size must be a positive integer, got {p.batch_size}")
-    sampler = samplers.SAMPLERS[samplers.resolve(p.sampler, p.scheduler)[0]]
-    if p.eta and not sampler.eta:
-        raise ValueError(f"sampler {p.sampler!r} takes no eta (got eta={p.eta}); only 'ddim' does")
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor
+from sdtorch.generate.params import GenerationParams
 from sdtorch.generate.request import Cancelled, CancelToken, GenerationRequest, RequestError
 from sdtorch.sampling import samplers
 
@@ -63,8 +64,6 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
 
 
 def _params(pipe, r: GenerationRequest):
-    from sdtorch.generate.pipeline import GenerationParams
-
     size = pipe.config.sample_size
     if r.init_image is not None:  # the picture's own size, rounded down to a multiple of 8
         w, h = r.init_image.size

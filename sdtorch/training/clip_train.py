@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.config import ClipConfig
 from sdtorch.formats.checkpoint import CheckpointError, load_strict, read_state_dict
 from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import ClipConfig
-from sdtorch.conditioning.tokenizer import ClipTokenizer
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the logit multiplier at 100 for stability
 METADATA_KEYS = {"text": "clip_config", "image": "image_tower_config"}  # configs in the file's metadata

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sdtorch.generate.pipeline import save_png
 from sdtorch.training.data import ImageCaptionDataset, find_items
 from sdtorch.training.jobs import LoRAJob, UNetJob
-from sdtorch.generate.pipeline import save_png
 from sdtorch.training.train import Stream, sample_seed
 
 log = logging.getLogger(__name__)

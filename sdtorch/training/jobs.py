@@ -18,16 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdtorch.formats import checkpoint
-
 from sdtorch.adapters import lora
-from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import ModelConfig, VAEConfig
-from sdtorch.sampling.schedule import alphas_cumprod
 from sdtorch.conditioning.tokenizer import ClipTokenizer
-from sdtorch.training.train import grid, rand_per_sample, randn_per_sample
+from sdtorch.config import ModelConfig, VAEConfig
+from sdtorch.formats import checkpoint
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
+from sdtorch.sampling.schedule import alphas_cumprod
+from sdtorch.training.train import grid, rand_per_sample, randn_per_sample
 
 
 class VAEJob:

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import ModelConfig
 from sdtorch.conditioning.embeddings import save_embedding
-from sdtorch.training.jobs import UNetJob
 from sdtorch.conditioning.prompts import embedding_lookup, encode_chunks, tokenize_prompt
 from sdtorch.conditioning.tokenizer import ClipTokenizer
-from sdtorch.training.train import grid, rand_per_sample
+from sdtorch.config import ModelConfig
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
+from sdtorch.training.jobs import UNetJob
+from sdtorch.training.train import grid, rand_per_sample
 
 PLACEHOLDER = "{}"  # where a template or caption takes the embedding's name
 TEMPLATE_STREAM = 6  # the template of a sample is drawn from its seed's stream 6 (UNetJob uses 1 to 4)
@@ -142,56 +142,3 @@ class EmbeddingJob:
     def export(self, ema: dict[str, nn.Module], path: Path, *, step: int | None = None) -> Path:
         """The embedding as `path` (.pt: A1111's format; .safetensors: `emb_params`), float32."""
         return save_embedding(path, self.name, ema["embedding"].vectors.detach().float(), step=step)
-
-
-def add_embedding_command(jobs) -> None:
-    """`sdtorch train embedding` (registered by `sdtorch.cli.train`)."""
-    from sdtorch.cli.train import COMMON
-
-    p = jobs.add_parser("embedding", help="textual inversion: new token vectors for a name, the model frozen")
-    p.add_argument("--checkpoint", "-c", required=True, help="the model (.safetensors / .ckpt / diffusers folder)")
-    p.add_argument("--prediction", choices=["eps", "v"], default=None, help="the model's (default: detected)")
-    p.add_argument("--data", required=True, help="image folder (captions with {} needed only without --template)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, samples/, the embedding)")
-    p.add_argument("--name", required=True, help="the trigger word, e.g. sks-style (also the file name)")
-    p.add_argument("--init-word", default="*", help="start from this word's token embeddings")
-    p.add_argument("--vectors", type=int, default=1, help="vectors per token (token slots the name takes)")
-    p.add_argument("--template", nargs="+", default=[], help='captions with {} for the name, e.g. "a {} emoji" '
-                   "(one drawn per sample); default: the dataset's captions, each with a {}")
-    p.add_argument("--prompts", nargs="*", default=[], help="prompts for the sample grids ({} = the name); "
-                   "default: the first template")
-    p.add_argument("--size", type=int, default=None, help="training image size (default: the model's)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    for key, kind in COMMON.items():
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
-
-
-def train_embedding(args) -> list[Path]:
-    """Run `sdtorch train embedding`; returns OUT/embeddings/NAME.pt and OUT/NAME.safetensors."""
-    from sdtorch.training.data import ImageCaptionDataset
-    from sdtorch.generate.pipeline import load
-    from sdtorch.training.train import train
-    from sdtorch.cli.train import _train_config
-
-    pipe = load(args.checkpoint, prediction=args.prediction)
-    # A1111's recipe: lr 5e-3, no weight decay (it would pull the vectors towards 0), no EMA.
-    cfg = _train_config(args, steps=3000, batch_size=4, lr=5e-3, weight_decay=0.0, ema_decay=0.0)
-    caption = "" if args.template else None  # with templates the folder may be bare images
-    data = ImageCaptionDataset(args.data, args.size or pipe.config.sample_size, flip=args.flip, seed=cfg.seed,
-                               caption=caption)
-    prompts = args.prompts or (args.template or [data.items[0][1]])[:1]
-    job = EmbeddingJob(pipe.config, pipe.unet, pipe.vae, pipe.clip, name=args.name, init_word=args.init_word,
-                       vectors=args.vectors, templates=args.template, preview_prompts=prompts)
-    if not args.template:
-        for _, text in data.items:
-            job.fill(text)  # every caption checked before training starts
-    if not args.flip and data.center_crop:  # items never change: encode them once
-        job.base.cache_bf16 = args.bf16
-        job.base.cache_latents(data)
-    ema = train(job, data, cfg)
-    out = Path(args.out)
-    # Apart: the run folder's last.pt is no embedding, and one folder with both files would name
-    # the trigger word twice.
-    return [job.export(ema, out / "embeddings" / f"{args.name}.pt", step=cfg.steps),
-            job.export(ema, out / f"{args.name}.safetensors", step=cfg.steps)]

@@ -1,0 +1,45 @@
+"""The resolved parameters of one sampling run, as written into its PNG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sdtorch.sampling import samplers
+
+
+@dataclass
+class GenerationParams:
+    """Everything that determines an image, as written into its PNG."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp_2m_karras"
+    cfg_scale: float = 7.5
+    seed: int = 0
+    width: int | None = 512  # None: the model's native size
+    height: int | None = 512
+    batch_size: int = 1
+    eta: float = 0.0
+    clip_skip: int | None = None
+    extra: dict = field(default_factory=dict)
+    scheduler: str = "automatic"  # with a combined sampler name ("dpmpp_2m_karras"): automatic
+
+
+def validate(p: GenerationParams, downscale: int = 8) -> None:
+    """Raise TypeError/ValueError naming the first bad parameter (sizes may be None: native)."""
+    if not isinstance(p.prompt, str) or not isinstance(p.negative_prompt, str):
+        raise TypeError(f"prompt and negative prompt must be strings, got {type(p.prompt).__name__}")
+    for name in ("width", "height"):
+        v = getattr(p, name)
+        if v is None:
+            continue
+        if not isinstance(v, int) or v <= 0 or v % 8 or v % downscale:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+    if not isinstance(p.steps, int) or p.steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {p.steps}")
+    if not isinstance(p.batch_size, int) or p.batch_size <= 0:
+        raise ValueError(f"batch size must be a positive integer, got {p.batch_size}")
+    sampler = samplers.SAMPLERS[samplers.resolve(p.sampler, p.scheduler)[0]]
+    if p.eta and not sampler.eta:
+        raise ValueError(f"sampler {p.sampler!r} takes no eta (got eta={p.eta}); only 'ddim' does")
