@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sdtorch.generate.loading import load  # noqa: E402
 from sdtorch.training.clip_train import ClipModel, load_clip_model  # noqa: E402
 from sdtorch.training.data import ImageCaptionDataset, to_tensor  # noqa: E402
-from sdtorch.generate.pipeline import load  # noqa: E402
 from sdtorch.training.train import grid  # noqa: E402
 
 

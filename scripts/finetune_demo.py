@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import sdtorch
 from sdtorch.cli import main as sdtorch_cli
-from sdtorch.generate.pipeline import BUILTIN
+from sdtorch.generate.loading import BUILTIN
 from sdtorch.training.dreambooth import class_images
 
 INSTANCE_PROMPT = "a sks emoji"

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import sdtorch
-from sdtorch.generate.pipeline import BUILTIN
+from sdtorch.generate.loading import BUILTIN
 
 
 def test_builtin_file_is_fp16_with_config_and_under_60_mb():

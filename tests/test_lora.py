@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sdtorch
-from sdtorch.adapters import lora
+from sdtorch.adapters import lora, lora_prompt, lora_train
 from sdtorch.config import TINY
 
 # Layers the random LoRAs adapt (diffusers names): attention, feed-forward, a 1x1 conv (SD1) or
@@ -166,12 +166,12 @@ def test_two_loras_with_strengths_match_diffusers(tiny_reference, tmp_path, pari
 def test_file_sdtorch_writes_loads_in_diffusers(tiny_reference, tmp_path, parity_log):
     """lora.save (kohya format) -> diffusers and sdtorch read the same function."""
     ours = sdtorch.load(tiny_reference.checkpoint, config=TINY)
-    network = lora.new_network(ours.unet, ours.clip, rank=4, alpha=2.0, layers=tuple(lora.LAYERS),
+    network = lora_train.new_network(ours.unet, ours.clip, rank=4, alpha=2.0, layers=tuple(lora.LAYERS),
                                text_encoder=True, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for lo in network.loras:
             lo.up.normal_(0, 0.3, generator=torch.Generator().manual_seed(lo.up.numel()))
-    path = lora.save(network, tmp_path / "mine.safetensors", TINY.unet)
+    path = lora_train.save(network, tmp_path / "mine.safetensors", TINY.unet)
     keys = list(load_file(path))
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in keys)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in keys
@@ -335,7 +335,7 @@ def test_resolve_lora_and_prompt_loader(tiny, kohya_sd, tmp_path):
     assert lora.resolve_lora("other", tmp_path) == tmp_path / "sub" / "other.pt"
     with pytest.raises(FileNotFoundError, match="no LoRA named 'nope'.*other, style"):
         lora.resolve_lora("nope", tmp_path)
-    loader = lora.PromptLoRAs(tiny, tmp_path)
+    loader = lora_prompt.PromptLoRAs(tiny, tmp_path)
     loader([("style", 0.5), ("other", 1.0)])
     assert [a.strength for a in tiny.loras.applied] == [0.5, 1.0]
     network = loader.networks["style"]
@@ -408,7 +408,7 @@ def test_lora_job_lowers_the_loss_and_exports_a_kohya_file(tiny_file, shapes, tm
 
     pipe = sdtorch.load(tiny_file)
     w0 = weights(pipe)
-    network = lora.new_network(pipe.unet, pipe.clip, rank=4, layers=("attn", "ff", "proj", "conv"),
+    network = lora_train.new_network(pipe.unet, pipe.clip, rank=4, layers=("attn", "ff", "proj", "conv"),
                                text_encoder=True, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(lo.up, torch.zeros_like(lo.up)) for lo in network.loras)  # starts as the identity
     data = ImageCaptionDataset(shapes, 32)

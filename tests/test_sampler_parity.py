@@ -15,8 +15,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from reference_models import reference_scheduler  # noqa: E402
 
-from sdtorch import schedule  # noqa: E402
 from sdtorch.config import ScheduleConfig  # noqa: E402
+from sdtorch.sampling import schedule  # noqa: E402
 from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser  # noqa: E402
 from sdtorch.sampling.samplers import NAMES, get_sampler, sample  # noqa: E402
 

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from sdtorch.sampling import schedule
 from sdtorch.config import ScheduleConfig
+from sdtorch.sampling import schedule
 from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser
-from sdtorch.sampling.samplers import NAMES, get_sampler, ancestral_step, display_name, lms_coefficient, sample
+from sdtorch.sampling.samplers import NAMES, ancestral_step, display_name, get_sampler, lms_coefficient, sample
 
 CFG = ScheduleConfig()
 MU, S = 0.7, 0.5  # Gaussian data N(MU, S^2)
@@ -315,3 +315,35 @@ def test_display_names():
     assert display_name("dpmpp_2m_karras") == "DPM++ 2M Karras"
     assert display_name("euler_a") == "Euler a"
     assert len({display_name(n) for n in NAMES}) == len(NAMES)
+
+
+@pytest.mark.parametrize("name", ["karras", "exponential", "uniform", "sgm_uniform", "simple"])
+def test_scheduler_grids_fall_from_the_training_sigma_max_to_zero(name):
+    from sdtorch.config import ScheduleConfig
+    from sdtorch.sampling import schedule, schedulers
+
+    cfg = ScheduleConfig()
+    train = schedule.training_sigmas(cfg)
+    sigmas = schedulers.SCHEDULES[name](10, cfg)
+    assert sigmas.shape == (11,) and sigmas.dtype == torch.float32 and sigmas[-1] == 0
+    assert torch.all(sigmas[1:] < sigmas[:-1])
+    assert sigmas[0].item() == pytest.approx(train[-1].item(), rel=1e-5)
+    if name == "exponential":  # evenly spaced in log sigma, down to sigma_min
+        steps = sigmas[:-1].log().diff()
+        torch.testing.assert_close(steps, steps.mean().expand_as(steps), rtol=1e-4, atol=1e-5)
+        assert sigmas[-2].item() == pytest.approx(train[0].item(), rel=1e-5)
+    if name == "simple":  # training sigmas themselves, every 100th timestep from the top
+        torch.testing.assert_close(sigmas[:-1], train.flip(0)[::100])
+    if name == "sgm_uniform":  # n + 1 points from T-1 to 0 with the last dropped: ends above sigma_min
+        assert sigmas[-2] > train[0] * 1.5
+
+
+def test_unknown_scheduler_and_sampler_are_named():
+    from sdtorch.sampling import from_a1111, resolve
+
+    with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
+        resolve("euler", "nope")
+    with pytest.raises(ValueError, match="unknown sampler 'DPM fast'"):
+        from_a1111("DPM fast")
+    assert from_a1111("Euler a Karras") == ("euler_a", "karras")
+    assert resolve("unipc_karras") == ("unipc", "karras")

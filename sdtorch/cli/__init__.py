@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdtorch.editing import inspect, p2p
     from sdtorch.editing.pictures import attention_grid, save_process
-    from sdtorch.generate.pipeline import GenerationParams, load, validate
+    from sdtorch.generate.loading import load
+    from sdtorch.generate.params import GenerationParams, validate
 
     size = (getattr(args, "width", None), getattr(args, "height", None))
     # Check the arguments before spending seconds on loading the model.
@@ -256,8 +257,8 @@ def _save_all(images, out: Path, seed: int) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from sdtorch.families import describe
     from sdtorch.formats import checkpoint
-    from sdtorch.generate.pipeline import describe
 
     ckpt = checkpoint.read(args.path, prediction=args.prediction)
     cfg = ckpt.config

@@ -143,7 +143,7 @@ def _train_clip(args, preset: ModelConfig, data, cfg) -> Path:
 
 
 def _train_lora(args) -> Path:
-    from sdtorch.generate.pipeline import DTYPES, load
+    from sdtorch.generate.loading import DTYPES, load
     from sdtorch.training.train import train
 
     pipe = load(args.checkpoint, prediction=args.prediction)
@@ -157,7 +157,7 @@ def _train_lora(args) -> Path:
 
 def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[str, str]):
     """A new LoRA network (`--alpha`, `--layers`) on the loaded model, as a LoRAJob."""
-    from sdtorch.adapters.lora import new_network
+    from sdtorch.adapters.lora_train import new_network
     from sdtorch.training.jobs import LoRAJob
 
     layers = tuple(g.strip() for g in args.layers.split(",") if g.strip())
@@ -171,7 +171,7 @@ def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[
 
 def _train_dreambooth(args) -> Path:
     """Full fine-tuning (model.safetensors) or, with --lora RANK, a LoRA (lora.safetensors)."""
-    from sdtorch.generate.pipeline import DTYPES, load
+    from sdtorch.generate.loading import DTYPES, load
     from sdtorch.training.dreambooth import DreamBoothJob
     from sdtorch.training.jobs import UNetJob
     from sdtorch.training.train import train
@@ -268,7 +268,7 @@ def add_embedding_command(jobs) -> None:
 
 def train_embedding(args) -> list[Path]:
     """Run `sdtorch train embedding`; returns OUT/embeddings/NAME.pt and OUT/NAME.safetensors."""
-    from sdtorch.generate.pipeline import load
+    from sdtorch.generate.loading import load
     from sdtorch.training.data import ImageCaptionDataset
     from sdtorch.training.ti_train import EmbeddingJob
     from sdtorch.training.train import train

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from sdtorch.formats.atomic import save_safetensors, save_torch
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -100,12 +102,10 @@ def save_embedding(path: str | Path, name: str, vectors: torch.Tensor, *, step: 
         raise ValueError(f"vectors must be (n, D), got shape {tuple(vectors.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         meta = {"name": name} | ({"step": str(step)} if step is not None else {})
-        save_file({"emb_params": vectors}, str(path), metadata=meta)
+        save_safetensors({"emb_params": vectors}, path, meta)
     elif path.suffix in (".pt", ".bin"):
-        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": name,
+        save_torch({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": name,
                     "step": step, "sd_checkpoint": None, "sd_checkpoint_name": None}, path)
     else:
         raise ValueError(f"embedding files end in .pt, .bin or .safetensors, got {path.name!r}")

@@ -18,17 +18,12 @@ import torch
 from torch import nn
 
 from sdtorch.config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
+from sdtorch.families import PREFIXES
 from sdtorch.formats import diffusers as convert
+from sdtorch.formats.atomic import save_safetensors
 
 log = logging.getLogger(__name__)
 
-# Where each model lives in an original single file.
-PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "clip": "cond_stage_model.transformer.",  # SD1: Hugging Face CLIPTextModel names
-    "openclip": "cond_stage_model.model.",  # SD2: OpenCLIP names
-}
 # Keys real files carry that Stable Diffusion inference does not use: the training schedule's
 # buffers, EMA copies, CLIP's position ids, OpenCLIP's contrastive head, and the `v_pred` marker
 # some tools add (read by `read` before this filter).
@@ -340,11 +335,5 @@ def original_state_dict(unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: M
 
 def save(path: str | Path, unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig, dtype=None) -> Path:
     """Write one original-layout .safetensors file with the config in its metadata, atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in original_state_dict(unet, vae, clip, cfg).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={CONFIG_KEY: json.dumps(cfg.to_dict())})
-    tmp.replace(path)  # a reader never sees a half-written file
-    return path
+    return save_safetensors(sd, path, {CONFIG_KEY: json.dumps(cfg.to_dict())})

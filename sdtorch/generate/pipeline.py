@@ -14,15 +14,14 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from sdtorch.adapters import lora, tiling
 from sdtorch.adapters.deepcache import DeepCache
-from sdtorch.adapters.fast import CompiledModule, fast_layout
+from sdtorch.adapters.fast import CompiledModule
+from sdtorch.adapters.lora_prompt import PromptLoRAs
 from sdtorch.conditioning.embeddings import load_embeddings
 from sdtorch.conditioning.prompts import (
     Chunk,
@@ -33,9 +32,10 @@ from sdtorch.conditioning.prompts import (
     tokenize_prompt,
 )
 from sdtorch.conditioning.tokenizer import ClipTokenizer
-from sdtorch.config import ModelConfig, Prediction
-from sdtorch.formats import checkpoint
+from sdtorch.config import ModelConfig
+from sdtorch.families import concat_kind
 from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
+from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
 from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import CrossAttention, UNetModel
@@ -45,7 +45,6 @@ from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNe
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Pipeline:
@@ -243,7 +242,7 @@ class Pipeline:
         start = img2img_start(params.steps, strength)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         small = F.interpolate(mask, size=self.latent_shape(params)[-2:]).to(self.device)  # nearest
-        if self.config.unet.in_channels == 9:
+        if concat_kind(self.config) == "inpainting":  # the UNet takes mask + masked image
             init = self.encode_image(image, generator, params.batch_size) if strength < 1 else None
             noise = torch.randn(self.latent_shape(params), generator=generator, dtype=torch.float32)
             masked = self.encode_image(image * (mask < 0.5), generator, params.batch_size)
@@ -349,7 +348,7 @@ class Pipeline:
         folder): each generation makes exactly the LoRAs its prompt names active."""
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"LoRA directory not found: {directory}")
-        self.lora_loader = lora.PromptLoRAs(self, directory)
+        self.lora_loader = PromptLoRAs(self, directory)
 
     def unload_loras(self) -> None:
         """Remove every LoRA; merged ones are unmerged and the weights restored bit for bit."""
@@ -398,65 +397,3 @@ class Pipeline:
         line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != "")
         neg = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
         return f"{p.prompt}{neg}\n{line}"
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounded as the reference does."""
-    arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Save with the generation parameters in a `parameters` tEXt chunk (A1111's format)."""
-    info = PngInfo()
-    if "parameters" in image.info:
-        info.add_text("parameters", image.info["parameters"])
-    path = Path(path)
-    image.save(path, pnginfo=info)
-    return path
-
-
-BUILTIN = Path(__file__).parents[1] / "data" / "emoji.safetensors"
-
-
-def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
-         prediction: Prediction | None = None, dtype: torch.dtype | str = torch.float32,
-         device: str | torch.device = "cpu", compile: bool = False) -> Pipeline:
-    """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder; with no path,
-    the built-in emoji model shipped in the package (64x64, trained by `scripts/train_builtin.sh`).
-
-    The model is detected from the keys and shapes unless `config` is given; the prediction type
-    (eps / v) can be given, else it is read from the file's metadata or guessed (and logged).
-    In bfloat16/float16 on the CPU the UNet and VAE use channels-last weights; `compile` runs the
-    UNet through torch.compile (`Pipeline.compile`).
-    """
-    if path is None:
-        if not BUILTIN.exists():
-            raise FileNotFoundError(f"the built-in model {BUILTIN} is missing from this installation; "
-                                    "reinstall sdtorch or pass a checkpoint")
-        path = BUILTIN
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    ckpt = checkpoint.read(path, config=config, prediction=prediction)
-    cfg = ckpt.config
-    log.info("loaded %s: %s, prediction %s (%s)", path, describe(cfg), cfg.prediction, ckpt.prediction_source)
-    with torch.device("meta"):  # no random init of weights that are about to be replaced
-        unet, vae, clip = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), ClipTextModel(cfg.clip)
-    checkpoint.load_strict(unet, ckpt.unet, "UNet", dtype, consume=True)
-    checkpoint.load_strict(vae, ckpt.vae, "VAE", dtype, consume=True)
-    checkpoint.load_strict(clip, ckpt.clip, "text encoder", dtype, consume=True)
-    if dtype != torch.float32 and torch.device(device).type == "cpu":
-        unet, vae = fast_layout(unet), fast_layout(vae)
-    pipe = Pipeline(cfg, unet.to(device), vae.to(device), clip.to(device),
-                    path=Path(path), prediction_source=ckpt.prediction_source)
-    if compile:
-        pipe.compile()
-    return pipe
-
-
-def describe(cfg: ModelConfig) -> str:
-    """A one-line name for what a config is: 'SD 1.x', 'SD 2.x inpainting', ..."""
-    family = "SD 2.x" if cfg.clip_layout == "openclip" else "SD 1.x"
-    if cfg.unet.context_dim not in (768, 1024) or cfg.unet.model_channels != 320:
-        family = f"custom ({cfg.name})"
-    kind = " inpainting" if cfg.unet.in_channels == 9 else ""
-    return f"{family}{kind}"

@@ -25,7 +25,7 @@ def _ends(cfg: ScheduleConfig) -> tuple[float, float]:
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
-    return torch.cat([sigmas.float(), sigmas.new_zeros(1)])
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
 def karras(n: int, cfg: ScheduleConfig) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 
 from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ClipConfig
+from sdtorch.formats.atomic import save_safetensors
 from sdtorch.formats.checkpoint import CheckpointError, load_strict, read_state_dict
 from sdtorch.models.clip import ClipTextModel
 
@@ -185,16 +186,11 @@ def similarity_picture(images: torch.Tensor, sim: torch.Tensor):  # -> PIL.Image
 def save_clip_model(model: ClipModel, path: str | Path) -> Path:
     """One .safetensors, atomically: the text encoder under HF names (`text_model.*`), `image.*`,
     `text_projection.weight`, `image_projection.weight`, `logit_scale`; both configs in the metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     sd = {k.removeprefix("text."): v.contiguous() for k, v in model.state_dict().items()}
     metadata = {METADATA_KEYS["text"]: json.dumps(asdict(model.text.cfg)),
                 METADATA_KEYS["image"]: json.dumps(asdict(model.image.cfg))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return save_safetensors(sd, path, metadata)
 
 
 def load_clip_model(path: str | Path) -> ClipModel:

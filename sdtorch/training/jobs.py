@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdtorch.adapters import lora
+from sdtorch.adapters import lora, lora_train
 from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ModelConfig, VAEConfig
+from sdtorch.families import family_of
 from sdtorch.formats import checkpoint
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
@@ -189,5 +190,5 @@ class LoRAJob:
 
     def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
         cfg = self.base.cfg
-        return lora.save(ema["lora"], path, cfg.unet, v2=cfg.clip_layout == "openclip", metadata=self.metadata,
+        return lora_train.save(ema["lora"], path, cfg.unet, v2=family_of(cfg).kohya_base == "sd_v2", metadata=self.metadata,
                          dtype=dtype)

@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from sdtorch.formats.atomic import save_torch
+
 log = logging.getLogger(__name__)
 
 
@@ -155,9 +157,7 @@ def update_ema(ema: dict[str, nn.Module], modules: dict[str, nn.Module], decay: 
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch(obj, path)
 
 
 def train(job: Job, dataset, cfg: TrainConfig, *, progress: bool = True) -> dict[str, nn.Module]:

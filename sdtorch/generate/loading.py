@@ -1,0 +1,57 @@
+"""`sdtorch.load`: a checkpoint (or the built-in model) to a ready `Pipeline`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sdtorch.adapters.fast import fast_layout
+from sdtorch.config import ModelConfig, Prediction
+from sdtorch.families import describe
+from sdtorch.formats import checkpoint
+from sdtorch.generate.pipeline import Pipeline
+from sdtorch.models.clip import ClipTextModel
+from sdtorch.models.unet import UNetModel
+from sdtorch.models.vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+BUILTIN = Path(__file__).parents[1] / "data" / "emoji.safetensors"
+
+
+def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
+         prediction: Prediction | None = None, dtype: torch.dtype | str = torch.float32,
+         device: str | torch.device = "cpu", compile: bool = False) -> Pipeline:
+    """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder; with no path,
+    the built-in emoji model shipped in the package (64x64, trained by `scripts/train_builtin.sh`).
+
+    The model is detected from the keys and shapes unless `config` is given; the prediction type
+    (eps / v) can be given, else it is read from the file's metadata or guessed (and logged).
+    In bfloat16/float16 on the CPU the UNet and VAE use channels-last weights; `compile` runs the
+    UNet through torch.compile (`Pipeline.compile`).
+    """
+    if path is None:
+        if not BUILTIN.exists():
+            raise FileNotFoundError(f"the built-in model {BUILTIN} is missing from this installation; "
+                                    "reinstall sdtorch or pass a checkpoint")
+        path = BUILTIN
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    ckpt = checkpoint.read(path, config=config, prediction=prediction)
+    cfg = ckpt.config
+    log.info("loaded %s: %s, prediction %s (%s)", path, describe(cfg), cfg.prediction, ckpt.prediction_source)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        unet, vae, clip = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), ClipTextModel(cfg.clip)
+    checkpoint.load_strict(unet, ckpt.unet, "UNet", dtype, consume=True)
+    checkpoint.load_strict(vae, ckpt.vae, "VAE", dtype, consume=True)
+    checkpoint.load_strict(clip, ckpt.clip, "text encoder", dtype, consume=True)
+    if dtype != torch.float32 and torch.device(device).type == "cpu":
+        unet, vae = fast_layout(unet), fast_layout(vae)
+    pipe = Pipeline(cfg, unet.to(device), vae.to(device), clip.to(device),
+                    path=Path(path), prediction_source=ckpt.prediction_source)
+    if compile:
+        pipe.compile()
+    return pipe
