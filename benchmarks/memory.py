@@ -89,8 +89,8 @@ def run_vae(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from sdtorch.config import SD15
     from sdtorch.adapters.tiling import tiled_decode
+    from sdtorch.config import SD15
     from sdtorch.models.vae import AutoencoderKL
 
     with torch.device("meta"):

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdtorch
+from sdtorch.config import SD15, SD21, SD21_BASE, TINY
 from sdtorch.formats import checkpoint
 from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import SD15, SD21, SD21_BASE, TINY
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
 

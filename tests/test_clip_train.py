@@ -11,12 +11,12 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.config import TINY
 from sdtorch.formats.checkpoint import CheckpointError, load_strict, read_state_dict
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.training.clip_train import ClipJob, ClipModel, ImageTowerConfig, contrastive_loss, load_clip_model, load_text_encoder
-from sdtorch.config import TINY
 from sdtorch.training.data import ImageCaptionDataset
-from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.training.train import TrainConfig, collate, train
 
 TOWER = ImageTowerConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=32)

@@ -14,15 +14,15 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 import sdtorch
+from sdtorch.config import TINY
 from sdtorch.formats import checkpoint
 from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import TINY
+from sdtorch.models.unet import UNetModel
+from sdtorch.models.vae import AutoencoderKL
 from sdtorch.training.data import ImageCaptionDataset
 from sdtorch.training.dreambooth import DreamBoothDataset, DreamBoothJob, class_images
 from sdtorch.training.jobs import UNetJob
 from sdtorch.training.train import Stream, TrainConfig, micro_batch, train
-from sdtorch.models.unet import UNetModel
-from sdtorch.models.vae import AutoencoderKL
 
 CFG = replace(TINY, sample_size=32)
 INSTANCE, CLASS = "a sks shape", "a shape"

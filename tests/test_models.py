@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdtorch.config import SD15, SD21, TINY
 from sdtorch.formats import checkpoint
 from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import SD15, SD21, TINY
 from sdtorch.models.unet import UNetModel, timestep_embedding
 from sdtorch.models.vae import AutoencoderKL
 

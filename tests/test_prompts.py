@@ -9,10 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import TINY
 from sdtorch.conditioning.embeddings import load_embedding, load_embeddings, save_embedding
-from sdtorch.generate.pipeline import GenerationParams, Pipeline
 from sdtorch.conditioning.prompts import (
     BREAK,
     emphasize,
@@ -23,6 +20,9 @@ from sdtorch.conditioning.prompts import (
     tokenize_prompt,
 )
 from sdtorch.conditioning.tokenizer import ClipTokenizer
+from sdtorch.config import TINY
+from sdtorch.generate.pipeline import GenerationParams, Pipeline
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
 

@@ -15,16 +15,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sdtorch.formats import checkpoint
-from sdtorch.models.clip import ClipTextModel
-from sdtorch.config import TINY
-from sdtorch.training.data import ImageCaptionDataset
 from sdtorch.conditioning.embeddings import load_embedding
+from sdtorch.config import TINY
+from sdtorch.formats import checkpoint
 from sdtorch.generate.pipeline import Pipeline
-from sdtorch.training.ti_train import EmbeddingJob
-from sdtorch.training.train import TrainConfig, collate, train
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
+from sdtorch.training.data import ImageCaptionDataset
+from sdtorch.training.ti_train import EmbeddingJob
+from sdtorch.training.train import TrainConfig, collate, train
 
 CFG = replace(TINY, sample_size=32)
 NAME, TEMPLATES = "sks-style", ["a {} shape", "a picture in the style of {}"]

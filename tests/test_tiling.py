@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from sdtorch.adapters import tiling
-from sdtorch.models.clip import ClipTextModel
 from sdtorch.config import TINY
 from sdtorch.editing.p2p import AttentionStore, hooked
 from sdtorch.generate.pipeline import GenerationParams, Pipeline, to_pil
+from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import CrossAttention, UNetModel, chunked_attention
 from sdtorch.models.vae import AutoencoderKL
 

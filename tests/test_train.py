@@ -16,12 +16,12 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import sdtorch
-from sdtorch.models.clip import ClipTextModel
 from sdtorch.config import TINY
+from sdtorch.models.clip import ClipTextModel
+from sdtorch.models.vae import AutoencoderKL
 from sdtorch.training.data import ImageCaptionDataset
 from sdtorch.training.jobs import UNetJob, VAEJob
 from sdtorch.training.train import Stream, TrainConfig, train
-from sdtorch.models.vae import AutoencoderKL
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 210, 30)}
 SHAPES = ("circle", "square")
