@@ -194,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images, frames, sigmas = inspect.process(pipe, args.prompt, args.negative, width=size[0], height=size[1], **options)
         print(save_process(frames, sigmas, args.process))
     elif args.command in ("generate", "img2img", "inpaint"):
-        images = pipe.run(_request(args, seed), progress=True).images
+        images = pipe.run(_request(args, seed), on_step=progress_bar()).images
     elif args.command == "attention":
         images, maps, labels = inspect.attention(pipe, args.prompt, args.negative, width=size[0], height=size[1], **options)
         out = Path(args.out)
@@ -217,6 +217,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            negative_prompt=args.negative, width=size[0], height=size[1], **options)
     _save_all(images, Path(args.out), seed)
     return 0
+
+
+def progress_bar():
+    """An `on_step` callback drawing a tqdm bar on stderr (the one the server's progress also reads from)."""
+    from tqdm.auto import tqdm
+
+    state = {}
+
+    def on_step(step: int, total: int, latents) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr)
+        state["bar"].update(1)
+        if step == total:
+            state["bar"].close()
+
+    return on_step
 
 
 def _request(args: argparse.Namespace, seed: int):
