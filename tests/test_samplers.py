@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sdtorch.config import ScheduleConfig
+from sdtorch.models.condition import Condition
 from sdtorch.sampling import schedule
 from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser
 from sdtorch.sampling.samplers import NAMES, ancestral_step, display_name, get_sampler, lms_coefficient, sample
@@ -146,6 +147,7 @@ def test_cfg_one_batch_negative_first():
     calls = []
 
     def inner(x, sigma, cond):
+        cond = Condition.of(cond).crossattn  # guidance hands the inner denoiser one batched Condition
         calls.append((x.shape[0], cond.clone()))
         return x + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # x0 depends on the conditioning
 
@@ -347,3 +349,25 @@ def test_unknown_scheduler_and_sampler_are_named():
         from_a1111("DPM fast")
     assert from_a1111("Euler a Karras") == ("euler_a", "karras")
     assert resolve("unipc_karras") == ("unipc", "karras")
+
+
+def test_condition_concat_is_appended_after_input_scaling_and_batched_by_guidance():
+    from sdtorch.config import ScheduleConfig
+
+    seen = []
+
+    def unet(x_in, t, context):
+        seen.append(x_in)
+        return torch.zeros_like(x_in[:, :4])
+
+    x, sigma = torch.randn(2, 4, 3, 3), torch.full((2,), 3.0)
+    extra = torch.randn(2, 5, 3, 3)
+    cond = Condition(torch.ones(2, 3, 5), concat=extra)
+    uncond = Condition(torch.zeros(2, 3, 5), concat=extra)
+    CFGDenoiser(DiscreteDenoiser(unet, ScheduleConfig()), 5.0)(x, sigma, cond=cond, uncond=uncond)
+    (x_in,) = seen
+    assert x_in.shape == (4, 9, 3, 3)
+    torch.testing.assert_close(x_in[:, :4], torch.cat([x, x]) / 10**0.5)  # c_in = 1 / sqrt(1 + 3^2)
+    assert torch.equal(x_in[:, 4:], torch.cat([extra, extra]))  # unscaled, for both halves
+    with pytest.raises(NotImplementedError, match="pooled vector"):
+        DiscreteDenoiser(unet, ScheduleConfig())(x, sigma, Condition(torch.ones(2, 3, 5), vector=torch.ones(2, 8)))

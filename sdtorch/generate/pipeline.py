@@ -38,10 +38,11 @@ from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2
 from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
 from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
 from sdtorch.models.clip import ClipTextModel
+from sdtorch.models.condition import Condition
 from sdtorch.models.unet import CrossAttention, UNetModel
 from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling import samplers
-from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, InpaintUNet, MaskBlend
+from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, MaskBlend
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,9 @@ class Pipeline:
             cond, uncond = pad_to_same_length(cond, uncond, self.encode_prompt([""], params.clip_skip))
         return cond, uncond
 
-    def denoiser(self, cfg_scale: float, quantize: bool = False, unet_wrap: Callable | None = None) -> CFGDenoiser:
-        """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32.
-        unet_wrap(unet) -> unet adds image conditioning (9-channel inpainting UNets)."""
+    def denoiser(self, cfg_scale: float, quantize: bool = False) -> CFGDenoiser:
+        """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32, where cond and
+        uncond are `Condition`s (or bare text states)."""
         net = self._compiled or self.unet
         if self.deep_cache is not None:
             net = DeepCache(self.unet, *self.deep_cache)
@@ -174,17 +175,17 @@ class Pipeline:
         def unet(x, t, context):
             return net(x, t, context).float()
 
-        fn = unet_wrap(unet) if unet_wrap else unet
-        inner = DiscreteDenoiser(fn, self.config.schedule, self.config.prediction, quantize=quantize)
+        inner = DiscreteDenoiser(unet, self.config.schedule, self.config.prediction, quantize=quantize)
         return CFGDenoiser(inner, cfg_scale)
 
     def _sample(self, params: GenerationParams, generator: torch.Generator, noise: torch.Tensor,
                 callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
-                start: int = 0, unet_wrap: Callable | None = None, blend: tuple | None = None) -> torch.Tensor:
-        cond, uncond = self.conditioning(params)
+                start: int = 0, concat: torch.Tensor | None = None, blend: tuple | None = None) -> torch.Tensor:
+        """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets)."""
+        cond, uncond = (Condition(c, concat=concat) for c in self.conditioning(params))
 
         def make_model(quantize: bool):
-            model = self.denoiser(params.cfg_scale, quantize, unet_wrap)
+            model = self.denoiser(params.cfg_scale, quantize)
             return MaskBlend(model, *blend) if blend else model
 
         return samplers.sample(
@@ -246,11 +247,8 @@ class Pipeline:
             init = self.encode_image(image, generator, params.batch_size) if strength < 1 else None
             noise = torch.randn(self.latent_shape(params), generator=generator, dtype=torch.float32)
             masked = self.encode_image(image * (mask < 0.5), generator, params.batch_size)
-
-            def wrap(unet):
-                return InpaintUNet(unet, small.repeat(params.batch_size, 1, 1, 1), masked)
-
-            return self._sample(params, generator, noise, callback, progress, init=init, start=start, unet_wrap=wrap)
+            concat = torch.cat([small.repeat(params.batch_size, 1, 1, 1), masked], dim=1)  # (B, 5, h, w)
+            return self._sample(params, generator, noise, callback, progress, init=init, start=start, concat=concat)
         known = self.encode_image(image, generator, params.batch_size)
         noise = torch.randn(known.shape, generator=generator, dtype=torch.float32)
         init = known if strength < 1 else None

@@ -3,7 +3,8 @@
 The samplers see only denoisers (k-diffusion's `external.py` design). A denoiser works in VE
 space, x = x0 + sigma * eps; the UNet was trained in VP space on x * sqrt(alpha_cumprod) =
 x / sqrt(1 + sigma^2) at an integer timestep t, so the adapter scales the input and maps sigma
-to t. Guidance (and later inpainting) are wrappers around a denoiser with the same call.
+to t. Guidance is a wrapper around a denoiser with the same call; image conditioning (inpainting's
+mask and masked image) travels in the `Condition` and is appended to the UNet input here.
 
 UNet contract: `unet(x_in: (B, C, h, w), t: (B,) float, context: (B, L, D)) -> (B, C, h, w)`.
 """
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from sdtorch.config import Prediction, ScheduleConfig
+from sdtorch.models.condition import Condition
 from sdtorch.sampling.schedule import sigma_to_t, training_sigmas
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,11 +43,18 @@ class DiscreteDenoiser(nn.Module):
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma_to_t(sigma, self.sigmas, self.quantize)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, h, w) noisy latents in VE space; sigma: (B,); cond: (B, L, D) -> x0 (B, C, h, w)."""
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition | torch.Tensor | None) -> torch.Tensor:
+        """x: (B, C, h, w) noisy latents in VE space; sigma: (B,); cond: a `Condition` (or bare
+        cross-attention states (B, L, D)) -> x0 (B, C, h, w)."""
+        cond = Condition.of(cond)
+        if cond.vector is not None:
+            raise NotImplementedError("this UNet takes no pooled vector (Condition.vector)")
         s = sigma.view(-1, *[1] * (x.ndim - 1))
         c_in = (s**2 + 1) ** -0.5  # = sqrt(alpha_cumprod): VE -> VP
-        out = self.unet((x * c_in).to(x.dtype), self.sigma_to_t(sigma), cond)
+        x_in = (x * c_in).to(x.dtype)
+        if cond.concat is not None:  # image channels, unscaled, as the UNet was trained ("concat")
+            x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
+        out = self.unet(x_in, self.sigma_to_t(sigma), cond.crossattn)
         if self.prediction == "eps":
             return (x - s * out).to(x.dtype)
         # v = sqrt(a) eps - sqrt(1-a) x0_vp (Salimans & Ho 2022), rewritten in VE terms:
@@ -64,30 +73,17 @@ class CFGDenoiser(nn.Module):
         self.denoiser = denoiser
         self.scale = scale
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
-                uncond: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, h, w); sigma: (B,); cond, uncond: (B, L, D). One UNet batch of 2B."""
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition | torch.Tensor,
+                uncond: Condition | torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, h, w); sigma: (B,); cond, uncond: `Condition`s (or (B, L, D) states). One UNet
+        batch of 2B."""
         if self.scale <= 1 or uncond is None:
             return self.denoiser(x, sigma, cond)
         # Negative first, as diffusers batches it.
         x0_uncond, x0_cond = self.denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond])
+            torch.cat([x, x]), torch.cat([sigma, sigma]), Condition.of(uncond).cat(Condition.of(cond))
         ).chunk(2)
         return x0_uncond + self.scale * (x0_cond - x0_uncond)
-
-
-class InpaintUNet:
-    """A 9-channel inpainting UNet seen as an ordinary one: after the denoiser's input scaling,
-    the latent-size mask (B, 1, h, w) and the masked image's latents (B, 4, h, w) are appended
-    as channels 5-9, unscaled, as the UNet was trained ("concat" conditioning)."""
-
-    def __init__(self, unet: UNetFn, mask: torch.Tensor, masked_latents: torch.Tensor):
-        self.unet = unet
-        self.extra = torch.cat([mask, masked_latents], dim=1)  # (B, 5, h, w)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)  # guidance doubles the batch
-        return self.unet(torch.cat([x, extra.to(x)], dim=1), t, context)
 
 
 class MaskBlend(nn.Module):
