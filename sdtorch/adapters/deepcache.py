@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from sdtorch.models.unet import UNetModel, timestep_embedding
+from sdtorch.models.unet import UNetModel
 
 
 class DeepCache:
-    """unet(x, t, context) with DeepCache; a fresh one per sampling run (it counts calls)."""
+    """unet(x, t, context) with DeepCache, composed of the UNet's own stages (`embed`, `encode`,
+    `decode`); a fresh one per sampling run (it counts calls), so the loaded UNet is never changed."""
 
     def __init__(self, unet: UNetModel, interval: int = 3, branch: int = 0):
         n = len(unet.output_blocks)
@@ -34,24 +35,14 @@ class DeepCache:
         full = self.calls % self.interval == 0 or self.cache is None or self.cache.shape[0] != x.shape[0]
         self.calls += 1
         u = self.unet
-        dtype = u.time_embed[0].weight.dtype
-        emb = u.time_embed(timestep_embedding(t.expand(x.shape[0]), u.cfg.model_channels).to(dtype))
-        h, context = x.to(dtype), context.to(dtype)
-        stop = len(u.input_blocks) if full else self.branch + 1  # input blocks to run
-        skips = []
-        for block in u.input_blocks[:stop]:
-            h = block(h, emb, context)
-            skips.append(h)
+        emb = u.embed(t, x.shape[0])
+        h, context = x.to(emb.dtype), context.to(emb.dtype)
         keep_at = len(u.output_blocks) - 1 - self.branch  # the output block whose input is cached
         if full:
+            h, skips = u.encode(h, emb, context)
             h = u.middle_block(h, emb, context)
-            first = 0
+            self.cache = h = u.decode(h, skips, emb, context, stop=keep_at)
         else:
-            h, first = self.cache, keep_at
-        for i in range(first, len(u.output_blocks)):
-            if full and i == keep_at:
-                self.cache = h
-            h = torch.cat([h, skips.pop()], dim=1)
-            up_size = skips[-1].shape[-2:] if skips else None
-            h = u.output_blocks[i](h, emb, context, up_size)
-        return u.out(h)
+            _, skips = u.encode(h, emb, context, stop=self.branch + 1)
+            h = self.cache
+        return u.out(u.decode(h, skips, emb, context, start=keep_at))

@@ -269,16 +269,34 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(t.expand(x.shape[0]), self.cfg.model_channels).to(dtype))
+        emb = self.embed(t, x.shape[0])
+        dtype = emb.dtype
         h, context = x.to(dtype), context.to(dtype)
+        h, skips = self.encode(h, emb, context)
+        h = self.middle_block(h, emb, context)
+        return self.out(self.decode(h, skips, emb, context))
+
+    # The stages of `forward`, public so that adapters (DeepCache) compose them instead of copying.
+
+    def embed(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """Timesteps (B,) or () -> the time embedding (B, 4 * model_channels) in the weights' dtype."""
+        dtype = self.time_embed[0].weight.dtype
+        return self.time_embed(timestep_embedding(t.expand(batch), self.cfg.model_channels).to(dtype))
+
+    def encode(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+               stop: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Input blocks [:stop] -> (features, the skip connections they leave, shallowest first)."""
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:stop]:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for i, block in enumerate(self.output_blocks):
+        return h, skips
+
+    def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
+               start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Output blocks [start:stop], each taking the deepest remaining skip (popped from `skips`)."""
+        for block in self.output_blocks[start:stop]:
             h = torch.cat([h, skips.pop()], dim=1)
             up_size = skips[-1].shape[-2:] if skips else None
             h = block(h, emb, context, up_size)
-        return self.out(h)
+        return h
