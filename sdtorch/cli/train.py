@@ -222,16 +222,15 @@ def _spread(n: int, k: int) -> list[int]:
 
 def _load_parts(args, preset: ModelConfig):
     """The frozen VAE and text encoder for UNet training, strictly loaded."""
-    from safetensors.torch import load_file
-
     from sdtorch.formats.checkpoint import load_strict
+    from sdtorch.formats.files import read_state_dict
     from sdtorch.models.clip import ClipTextModel
     from sdtorch.models.vae import AutoencoderKL
 
     with torch.device("meta"):
         vae, clip = AutoencoderKL(preset.vae), ClipTextModel(preset.clip)
-    load_strict(vae, load_file(args.vae), "VAE", torch.float32)
-    text = {k: v for k, v in load_file(args.clip).items() if k.startswith("text_model.")}
+    load_strict(vae, read_state_dict(args.vae)[0], "VAE", torch.float32)
+    text = {k: v for k, v in read_state_dict(args.clip)[0].items() if k.startswith("text_model.")}
     load_strict(clip, text, "text encoder", torch.float32)
     return vae, clip
 

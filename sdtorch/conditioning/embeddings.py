@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sdtorch.formats.atomic import save_safetensors, save_torch
+from sdtorch.formats.files import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,9 @@ def load_embedding(path: str | Path) -> Embedding:
     if not path.is_file():
         raise FileNotFoundError(f"embedding not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as f:
-                data, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as e:
+            data, meta = read_state_dict(path)
+        except ValueError as e:
             raise ValueError(f"cannot read embedding {path}: not a safetensors file ({e})") from None
         emb = _from_data(data, path, meta.get("name"))
         if emb.step is None and meta.get("step", "").isdigit():

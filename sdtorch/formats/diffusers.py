@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from sdtorch.config import ModelConfig, UNetConfig, VAEConfig
 from sdtorch.formats.diffusers_config import config_from_diffusers
+from sdtorch.formats.files import read_state_dict
 
 StateDict = dict[str, Tensor]
 
@@ -254,9 +254,7 @@ def _load_weights(folder: Path) -> StateDict:
     found = standard[:1] or sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if len(found) != 1:
         raise FileNotFoundError(f"expected one weights file in {folder}, found {[f.name for f in found]}")
-    if found[0].suffix == ".safetensors":
-        return load_file(found[0])
-    return torch.load(found[0], map_location="cpu", weights_only=True)
+    return read_state_dict(found[0])[0]
 
 
 def _read_json(path: Path) -> dict:
