@@ -104,4 +104,5 @@ def test_two_threads_on_one_pipeline_equal_one_after_the_other(pipe):
     # Nothing of a request stays on the pipeline: a plain run is as before any of them.
     plain = GenerationRequest("a red apple", steps=6, seed=5, sampler="euler_a", scheduler="automatic")
     assert pipe.loras.applied == [] and pipe.deep_cache is None and pipe.prompt_syntax == "a1111"
+    assert len(pipe.lora_cache) == 1  # the LoRA file was read once for all seven runs
     assert pixels(pipe.run(plain))[0].tobytes() != alone["a"][0].tobytes()

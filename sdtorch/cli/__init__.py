@@ -220,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def progress_bar():
-    """An `on_step` callback drawing a tqdm bar on stderr (the one the server's progress also reads from)."""
+    """An `on_step` callback for `Pipeline.run` drawing a tqdm bar on stderr."""
     from tqdm.auto import tqdm
 
     state = {}

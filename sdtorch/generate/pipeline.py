@@ -64,6 +64,7 @@ class Pipeline:
         # lora_loader([(name, multiplier)]) makes exactly those LoRAs active; None: no LoRA directory
         self.lora_loader: Callable[[list[tuple[str, float]]], None] | None = None
         self.loras = lora.LoRAStack(unet, clip)  # LoRAs applied now, in order (`load_lora`)
+        self.lora_cache: dict = {}  # (path, size, mtime) -> LoRANetwork of requests' LoRAs (`run`)
         # The VAE in overlapping tiles (sdtorch.adapters.tiling): True, False, or None = for images of more
         # than tiling.AUTO_CELLS latent cells; tile size and overlap in latent cells.
         self.tile_vae: bool | None = None

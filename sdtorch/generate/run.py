@@ -43,11 +43,9 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
         cancel: CancelToken | None = None, progress: bool = False) -> RunResult:
     request = request.validate(pipe.vae.downscale).resolved()
     with pipe.lock, _scoped(pipe, request):
-        params = _params(pipe, request)
         pixels = _pixels(request)
+        params = _params(pipe, request, pixels)
         total = request.steps - (img2img_start(request.steps, request.strength) if pixels is not None else 0)
-        if request.kind == "inpaint" and request.strength >= 1:
-            total = request.steps
         callback = _callback(on_step, cancel, total)
         if cancel is not None and cancel.cancelled:
             raise Cancelled("cancelled before it started")
@@ -63,13 +61,9 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
         return RunResult(pipe._images(params, latents), request)
 
 
-def _params(pipe, r: GenerationRequest):
+def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
     size = pipe.config.sample_size
-    if r.init_image is not None:  # the picture's own size, rounded down to a multiple of 8
-        w, h = r.init_image.size
-        size_w, size_h = r.width or w - w % 8, r.height or h - h % 8
-    else:
-        size_w, size_h = r.width or size, r.height or size
+    size_h, size_w = pixels.shape[-2:] if pixels is not None else (r.height or size, r.width or size)
     sampler, scheduler = samplers.resolve(r.sampler, r.scheduler)
     if scheduler == "karras" and f"{sampler}_karras" in samplers.ALIASES:  # the combined name, as 0.1 wrote it
         sampler, scheduler = f"{sampler}_karras", "automatic"
@@ -78,6 +72,7 @@ def _params(pipe, r: GenerationRequest):
 
 
 def _pixels(r: GenerationRequest) -> torch.Tensor | None:
+    """The init image at the requested size, or its own size rounded down to a multiple of 8."""
     if r.init_image is None:
         return None
     w, h = r.init_image.size
@@ -108,12 +103,23 @@ def _scoped(pipe, r: GenerationRequest):
         pipe.tile_vae = r.tile_vae if r.tile_vae is not None else saved[2]
         pipe.attention_chunk = r.attention_chunk
         for name, strength in r.loras:
-            applied.append(pipe.load_lora(_lora_path(pipe, name), strength))
+            applied.append(pipe.loras.add(_network(pipe, _lora_path(pipe, name)), strength))
         yield
     finally:
         for a in applied:
             pipe.loras.remove(a)
         pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk = saved
+
+
+def _network(pipe, path):
+    """A LoRA file's network, read once per pipeline (again only when the file changes)."""
+    from sdtorch.adapters import lora
+
+    st = path.stat()
+    key = (path.resolve(), st.st_size, st.st_mtime_ns)
+    if key not in pipe.lora_cache:
+        pipe.lora_cache[key] = lora.load(path, pipe.unet, pipe.clip, dtype=pipe.dtype, device=pipe.device)
+    return pipe.lora_cache[key]
 
 
 def _lora_path(pipe, name: str):

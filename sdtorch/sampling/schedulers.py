@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from sdtorch.config import ScheduleConfig
-from sdtorch.sampling.schedule import GRIDS, get_sigmas_karras, t_to_sigma, training_sigmas
+from sdtorch.sampling.schedule import GRIDS, get_sigmas_karras, sampling_sigmas, t_to_sigma, training_sigmas
 
 
 def _ends(cfg: ScheduleConfig) -> tuple[float, float]:
@@ -100,8 +100,6 @@ def grid(sampler: str, scheduler: str, steps: int, cfg: ScheduleConfig) -> tuple
     check_scheduler(scheduler)
     native = native_grid(sampler, scheduler)
     if native is not None:
-        from sdtorch.sampling.schedule import sampling_sigmas
-
         return sampling_sigmas(native, steps, cfg), native
     if not 0 < steps <= cfg.num_train_timesteps:
         raise ValueError(f"steps must be in 1..{cfg.num_train_timesteps}, got {steps}")
