@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_command(sub)
     add_train_command(sub)
+    from sdtorch.serve.server import build_parser as serve_parser
+
+    serve_parser(sub.add_parser("serve", help="AUTOMATIC1111-compatible HTTP API, job queue and web page"))
     return parser
 
 
@@ -292,6 +295,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from sdtorch.serve.server import serve
+
+    return serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
         commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "attention": cmd_generate,
                     "edit": cmd_generate,
-                    "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train}
+                    "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train, "serve": _serve}
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:  # CheckpointError is a ValueError
         msg = str(e).strip() or type(e).__name__

@@ -34,12 +34,19 @@ class Cancelled(Exception):
 
 
 class CancelToken:
-    """Thread-safe flag: `cancel()` from anywhere; the run stops at its next step."""
+    """Thread-safe flag: `cancel()` from anywhere and the run stops at its next step with
+    `Cancelled`; `interrupt()` stops it there too but returns the images of the current denoised
+    estimate (AUTOMATIC1111's Interrupt / Skip)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.keep = False  # set by interrupt(): decode what there is instead of raising
 
     def cancel(self) -> None:
+        self._event.set()
+
+    def interrupt(self) -> None:
+        self.keep = True
         self._event.set()
 
     @property

@@ -29,6 +29,7 @@ OnStep = Callable[[int, int, torch.Tensor], None]
 class RunResult:
     images: list[Image.Image]  # each with .info["parameters"]
     request: GenerationRequest  # with the seed resolved
+    stopped_at: int | None = None  # interrupted (`CancelToken.interrupt`) after this many steps
 
     @property
     def infotexts(self) -> list[str]:
@@ -49,16 +50,27 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
         callback = _callback(on_step, cancel, total)
         if cancel is not None and cancel.cancelled:
             raise Cancelled("cancelled before it started")
-        if pixels is None:
-            latents = pipe.generate_latents(params, callback, progress)
-        elif request.mask is None:
-            params.extra["Denoising strength"] = request.strength
-            latents = pipe.img2img_latents(pixels, params, request.strength, callback, progress)
-        else:
-            params.extra["Denoising strength"] = request.strength
-            mask = mask_tensor(request.mask, pixels.shape[-1], pixels.shape[-2])
-            latents = pipe.inpaint_latents(pixels, mask, params, request.strength, callback, progress)
+        try:
+            latents = _sample(pipe, request, params, pixels, callback, progress)
+        except _Stop as stop:  # interrupted: the current denoised estimate is the result
+            return RunResult(pipe._images(params, stop.latents), request, stopped_at=stop.step)
         return RunResult(pipe._images(params, latents), request)
+
+
+def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress: bool) -> torch.Tensor:
+    if pixels is None:
+        return pipe.generate_latents(params, callback, progress)
+    params.extra["Denoising strength"] = request.strength
+    if request.mask is None:
+        return pipe.img2img_latents(pixels, params, request.strength, callback, progress)
+    mask = mask_tensor(request.mask, pixels.shape[-1], pixels.shape[-2])
+    return pipe.inpaint_latents(pixels, mask, params, request.strength, callback, progress)
+
+
+class _Stop(Exception):
+    def __init__(self, step: int, latents: torch.Tensor):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.latents = step, latents
 
 
 def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
@@ -84,6 +96,8 @@ def _callback(on_step: OnStep | None, cancel: CancelToken | None, total: int):
 
     def callback(d: dict) -> None:
         if cancel is not None and cancel.cancelled:
+            if cancel.keep:  # this step's denoised estimate is the result
+                raise _Stop(count[0], d["denoised"])
             raise Cancelled(f"cancelled at step {count[0]} of {total}")
         count[0] += 1
         if on_step is not None:

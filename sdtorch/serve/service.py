@@ -1,0 +1,192 @@
+"""What the HTTP routes share: the store, the models, the worker, the server's options, and the
+event hub that fans progress out to Server-Sent-Events clients and to waiting A1111 calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdtorch.generate import RequestError
+from sdtorch.serve import a1111
+from sdtorch.serve.models import Models
+from sdtorch.serve.store import FINISHED, Job, Store
+from sdtorch.serve.worker import Worker
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__("the queue is full")
+        self.retry_after = retry_after
+
+
+class Hub:
+    """Events from the worker thread to asyncio subscribers (each a bounded queue; a slow
+    client loses events rather than growing the server's memory)."""
+
+    def __init__(self) -> None:
+        self._subs: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = set()
+        self._lock = threading.Lock()
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        with self._lock:
+            self._subs.add((asyncio.get_running_loop(), q))
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        with self._lock:
+            self._subs = {s for s in self._subs if s[1] is not q}
+
+    def publish(self, event: dict | None) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for loop, q in subs:
+            try:
+                loop.call_soon_threadsafe(_put, q, event)
+            except RuntimeError:  # that loop is closed
+                self.unsubscribe(q)
+
+
+def _put(q: asyncio.Queue, event) -> None:
+    if q.full() and event is not None:
+        return
+    if q.full():
+        q.get_nowait()
+    q.put_nowait(event)
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    checkpoint: str | None = None
+    models_dir: str | None = None
+    lora_dir: str | None = None
+    embeddings_dir: str | None = None
+    max_queue: int = 64
+    preview_every: int = 2
+    preview: str = "cheap"
+    dtype: str = "fp32"
+    limits: a1111.Limits = a1111.Limits()
+    auth: tuple[tuple[str, str], ...] = ()
+    max_body: int = 20 * 1024 * 1024
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.data_dir)
+        self.recovered = self.store.recover()
+        lora_dir = Path(settings.lora_dir) if settings.lora_dir else _default_lora_dir(settings.models_dir)
+        self.models = Models(settings.checkpoint, settings.models_dir, cache_dir=settings.data_dir, dtype=settings.dtype,
+                             lora_dir=lora_dir, embeddings_dir=Path(settings.embeddings_dir) if settings.embeddings_dir else None)
+        self.options = {"sd_model_checkpoint": self.models.default, "CLIP_stop_at_last_layers": 1}
+        self.hub = Hub()
+        self.worker = Worker(self.store, self.models, self.options, settings.limits,
+                             preview_every=settings.preview_every, preview_mode=settings.preview,
+                             publish=self.hub.publish)
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._wlock = threading.Lock()
+        self.worker.on_finish = self._finished
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.hub.publish(None)  # ends the event streams
+
+    # ------------------------------------------------------------------------ submitting
+
+    def submit(self, kind: str, req: a1111._Common) -> Job:
+        """Validate an A1111 request against the model it will run on and queue it."""
+        over = req.override_settings or {}
+        try:
+            model = self.models.find(over.get("sd_model_checkpoint", self.options["sd_model_checkpoint"])).title
+        except KeyError as e:
+            raise RequestError("sd_model_checkpoint", f"sd_model_checkpoint: {e.args[0]}") from None
+        native, downscale = self._geometry(model)
+        seed, subseed = a1111.resolve_seeds(req)
+        options = dict(self.options)
+        a1111.plan(req, native=native, downscale=downscale, options=options, limits=self.settings.limits,
+                   seed=seed, subseed=subseed, lora_exists=self._lora_exists)
+        record = {"body": req.model_dump(exclude_unset=True), "seed": seed, "subseed": subseed, "options": options}
+        job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
+        if job is None:
+            raise QueueFull(self.retry_after())
+        self.worker.notify()
+        return job
+
+    def parameters(self, job: Job) -> dict:
+        """A1111's `parameters`: the request with its defaults (and the native size) filled."""
+        req = a1111.parse(job.kind, job.request["body"])
+        native, _ = self._geometry(job.model)
+        return {**req.model_dump(), "width": req.width or native, "height": req.height or native}
+
+    def _geometry(self, title: str) -> tuple[int, int]:
+        loaded = self.models.loaded
+        if loaded is not None and loaded[0] == title:
+            return loaded[1].config.sample_size, loaded[1].vae.downscale
+        return 512, 8  # checked again, exactly, when the model is loaded
+
+    def _lora_exists(self, name: str) -> None:
+        from sdtorch.adapters.lora import resolve_lora
+
+        if self.models.lora_dir is None:
+            raise FileNotFoundError(f"the prompt names LoRA {name!r} but this server has no LoRA directory")
+        resolve_lora(name, self.models.lora_dir)
+
+    def retry_after(self) -> int:
+        p = self.worker.progress
+        per_job = (p.eta_s or 0) + 1
+        return max(1, int(per_job))
+
+    # ------------------------------------------------------------------------ waiting
+
+    async def wait(self, job_id: str) -> Job:
+        event = asyncio.Event()
+        with self._wlock:
+            self._waiters.setdefault(job_id, []).append((asyncio.get_running_loop(), event))
+        job = self.store.get(job_id)
+        while job.state not in FINISHED:
+            try:
+                await asyncio.wait_for(event.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            job = self.store.get(job_id)
+        with self._wlock:
+            self._waiters.pop(job_id, None)
+        return job
+
+    def _finished(self, job_id: str) -> None:
+        with self._wlock:
+            waiters = list(self._waiters.get(job_id, []))
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass
+
+    # ------------------------------------------------------------------------ reporting
+
+    def public(self, job: Job, base: str = "") -> dict:
+        p = self.worker.progress
+        running = job.state == "running" and p.job == job.id
+        steps = p.steps if running else job.request["body"].get("steps", 50)
+        step = p.step if running else (steps if job.state == "completed" else 0)
+        return {"id": job.id, "kind": job.kind, "state": job.state, "position": self.store.position(job),
+                "step": step, "steps": steps, "progress": (step / steps) if steps else 0.0,
+                "eta_s": p.eta_s if running else None, "error": job.error,
+                "images": [f"{base}/v1/jobs/{job.id}/images/{n}" for n in range(job.images)],
+                "info": job.info, "request": job.request["body"], "model": job.model,
+                "created": job.created, "started": job.started, "finished": job.finished}
+
+
+def _default_lora_dir(models_dir: str | None) -> Path | None:
+    if models_dir is None:
+        return None
+    for name in ("Lora", "lora", "loras"):
+        if (Path(models_dir) / name).is_dir():
+            return Path(models_dir) / name
+    return None
