@@ -273,3 +273,77 @@ def test_a1111_plan_maps_fields():
         a1111.plan(a1111.parse("txt2img", {"tiling": True}), native=64, downscale=8, options={}, limits=a1111.Limits(),
                    seed=1, subseed=1)
     assert e.value.field == "tiling"
+
+
+def test_models_dir_lists_and_switches_by_name_only(tmp_path):
+    import shutil
+
+    from sdtorch.generate.loading import BUILTIN
+
+    models = tmp_path / "models"
+    (models / "Lora").mkdir(parents=True)
+    shutil.copy(BUILTIN, models / "other.safetensors")
+    shutil.copy("tests/data/golden/starry.safetensors", models / "Lora" / "starry.safetensors")
+    service = make_service(tmp_path / "data", models_dir=str(models))
+    try:
+        with TestClient(create_app(service)) as c:
+            listed = c.get("/sdapi/v1/sd-models").json()
+            assert [m["model_name"] for m in listed] == ["emoji", "other"]
+            assert [lo["name"] for lo in c.get("/sdapi/v1/loras").json()] == ["starry"]
+            for bad in ("../models/other.safetensors", str(models / "other.safetensors"), "/etc/passwd", "starry"):
+                r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": bad})
+                assert r.status_code == 422 and "unknown model" in r.json()["detail"], bad
+            assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"}).status_code == 200
+            assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == listed[1]["title"]
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a red apple <lora:starry:0.8>"})
+            assert r.status_code == 200, r.text
+            info = json.loads(r.json()["info"])
+            assert info["sd_model_name"] == "other" and "Model: other" in info["infotexts"][0]
+            plain = client_image(c, {**SMALL, "prompt": "a red apple"})
+            assert plain != r.json()["images"][0], "the LoRA tag changed nothing"
+    finally:
+        service.stop()
+
+
+def client_image(c, body: dict) -> str:
+    r = c.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["images"][0]
+
+
+def test_a_failing_job_is_marked_failed_and_the_next_one_runs(client, service, monkeypatch):
+    pipe = service.models.loaded[1]
+    real = pipe.run
+
+    def run(request, **kw):
+        if request.prompt == "boom":
+            raise RuntimeError("out of memory (simulated)")
+        return real(request, **kw)
+
+    monkeypatch.setattr(pipe, "run", run)
+    bad = client.post("/v1/jobs", json={"kind": "txt2img", "request": {**SMALL, "prompt": "boom"}}).json()
+    good = client.post("/v1/jobs", json={"kind": "txt2img", "request": {**SMALL, "prompt": "fine"}}).json()
+    failed = wait_done(client, bad["id"])
+    assert failed["state"] == "failed" and "out of memory (simulated)" in failed["error"]
+    assert wait_done(client, good["id"])["state"] == "completed"
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "boom"})
+    assert r.status_code == 500 and "out of memory" in r.json()["detail"]
+
+
+def test_events_stream_steps_and_previews(client):
+    seen, deadline = [], time.monotonic() + 60
+    with client.stream("GET", "/v1/events") as stream:
+        job = client.post("/v1/jobs", json={"kind": "txt2img", "request": {**SMALL, "steps": 4}}).json()
+        for line in stream.iter_lines():
+            assert time.monotonic() < deadline, seen
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event["id"] == job["id"]:
+                    seen.append(event)
+                    if event["state"] in ("completed", "failed", "canceled"):
+                        break
+    steps = [e["step"] for e in seen if e["state"] == "running" and e["step"]]
+    assert seen[-1]["state"] == "completed"
+    assert steps == [1, 2, 3, 4], seen
+    previews = [e for e in seen if "preview" in e]
+    assert previews and previews[0]["preview"].startswith("data:image/png;base64,")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sdtorch.serve import a1111
@@ -78,21 +80,26 @@ def serve(args: argparse.Namespace) -> int:
                 host = f"[{args.host}]" if ":" in args.host else args.host
                 print(f"sdtorch serving on http://{host}:{args.port}", flush=True)
 
-        def handle_exit(self, sig, frame):
-            service.worker.request_stop()
-            service.hub.publish(None)
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises a captured signal once it has shut down (the process would then die
-            # of it); a clean shutdown here exits 0 instead
-            getattr(self, "_captured_signals", []).clear()
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                   timeout_graceful_shutdown=5))
+    # HTTP in a thread, generation in the main thread (see Worker.start); signals reach the main
+    # thread: the running step finishes, its job goes back to the queue, the process exits 0.
+    http = threading.Thread(target=server.run, name="sdtorch-http", daemon=True)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
-    service.start()
-    server = Server(config)
+    def on_signal(sig, frame) -> None:
+        service.worker.request_stop()
+        service.hub.publish(None)
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    http.start()
     try:
-        server.run()
+        service.worker.run(alive=http.is_alive)
     finally:
-        service.stop()
+        service.hub.publish(None)
+        server.should_exit = True
+        http.join(30)
         service.store.close()
     return 0 if server.started else 1
 

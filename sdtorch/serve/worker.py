@@ -76,7 +76,14 @@ class Worker:
         self.on_finish: Callable[[str], None] = lambda job_id: None  # called with every finished job id
 
     def start(self) -> None:
+        """Run the loop in a thread of its own (tests, notebooks). `sdtorch serve` runs it in the
+        main thread instead (`run`): on a small CPU, PyTorch computing in a second thread while
+        the main thread's OpenMP pool exists ran at half speed."""
         self._thread.start()
+
+    def run(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """The loop in the calling thread, until `request_stop` or until `alive()` is false."""
+        self._loop(alive)
 
     def notify(self) -> None:
         with self._wake:
@@ -92,6 +99,10 @@ class Worker:
         self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     # -------------------------------------------------------------------------- control
 
@@ -113,8 +124,8 @@ class Worker:
 
     # -------------------------------------------------------------------------- the loop
 
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
+    def _loop(self, alive: Callable[[], bool] = lambda: True) -> None:
+        while not self._stopping.is_set() and alive():
             job = self.store.claim()
             if job is None:
                 with self._wake:
