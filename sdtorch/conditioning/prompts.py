@@ -258,10 +258,16 @@ def encode_chunks(clip, batch: list[list[Chunk]], empty: Chunk, clip_skip: int |
 def pad_to_same_length(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Append encoded empty chunks `empty` (1, 77, D) to the shorter of cond / uncond (B, 77·k, D),
     as A1111 pads them, so guidance runs both in one UNet batch."""
-    n = max(cond.shape[1], uncond.shape[1])
+    cond, uncond = pad_all([cond, uncond], empty)
+    return cond, uncond
+
+
+def pad_all(states: list[torch.Tensor], empty: torch.Tensor) -> list[torch.Tensor]:
+    """Every (B, 77·k, D) tensor padded with encoded empty chunks to the longest one's length."""
+    n = max(x.shape[1] for x in states)
 
     def pad(x: torch.Tensor) -> torch.Tensor:
         k = (n - x.shape[1]) // empty.shape[1]
         return torch.cat([x, empty.to(x).expand(x.shape[0], -1, -1).repeat(1, k, 1)], dim=1) if k else x
 
-    return pad(cond), pad(uncond)
+    return [pad(x) for x in states]

@@ -93,3 +93,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         except (KeyError, TypeError, ValueError) as e:
             raise corrupt(f"malformed header entry ({type(e).__name__}: {e})") from None
     return sd, {str(k): str(v) for k, v in meta.items()}
+
+
+def sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex), read in 16 MiB blocks. AUTOMATIC1111's short model hash is its
+    first 10 digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -7,7 +7,6 @@ per-step noise draw of the ancestral samplers, in that order.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
@@ -34,6 +33,8 @@ from sdtorch.conditioning.prompts import (
 from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ModelConfig
 from sdtorch.families import concat_kind
+from sdtorch.formats.files import sha256
+from sdtorch.generate.guidance import scheduled_conditions
 from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
 from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
 from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
@@ -42,7 +43,7 @@ from sdtorch.models.condition import Condition
 from sdtorch.models.unet import CrossAttention, UNetModel
 from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling import samplers
-from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, MaskBlend
+from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, MaskBlend, ScheduledCFG
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,7 @@ class Pipeline:
         self.lock = threading.RLock()
 
     def run(self, request, on_step=None, cancel=None, *, progress: bool = False):
-        """Run a `GenerationRequest` (txt2img, img2img or inpainting) -> `RunResult` (images with
-        their infotexts, the request with its seed resolved). on_step(step, total, latents) after
-        every step; a cancelled `CancelToken` raises `Cancelled` at the next step. Thread-safe;
-        see `sdtorch.generate.run`."""
+        """A `GenerationRequest` (txt2img, img2img, inpainting) -> `RunResult`; see `sdtorch.generate.run`."""
         from sdtorch.generate.run import run
 
         return run(self, request, on_step=on_step, cancel=cancel, progress=progress)
@@ -154,21 +152,25 @@ class Pipeline:
     def conditioning(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond), each (B, 77·k, width) with the same k, after handing the prompt's
         LoRA tags to `lora_loader` (a1111 syntax; as A1111, only the prompt's tags apply)."""
-        if self.prompt_syntax == "a1111":
-            loras = extract_loras(params.prompt)[1]
-            if self.lora_loader is not None:
-                self.lora_loader(loras)
-            elif loras:
-                raise ValueError(f"prompt names LoRA {loras[0][0]!r} but no LoRA directory was given")
+        self.prompt_loras(params)
         cond = self.encode_prompt([params.prompt] * params.batch_size, params.clip_skip)
         uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
         if cond.shape[1] != uncond.shape[1]:
             cond, uncond = pad_to_same_length(cond, uncond, self.encode_prompt([""], params.clip_skip))
         return cond, uncond
 
-    def denoiser(self, cfg_scale: float, quantize: bool = False) -> CFGDenoiser:
+    def prompt_loras(self, params: GenerationParams) -> None:
+        if self.prompt_syntax == "a1111":
+            loras = extract_loras(params.prompt)[1]
+            if self.lora_loader is not None:
+                self.lora_loader(loras)
+            elif loras:
+                raise ValueError(f"prompt names LoRA {loras[0][0]!r} but no LoRA directory was given")
+
+    def denoiser(self, cfg_scale: float, quantize: bool = False, scheduled=None) -> CFGDenoiser | ScheduledCFG:
         """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32, where cond and
-        uncond are `Condition`s (or bare text states)."""
+        uncond are `Condition`s (or bare text states); with `scheduled` (parts, negative schedule)
+        A1111's prompt schedules and AND (`ScheduledCFG`)."""
         net = self._compiled or self.unet
         if self.deep_cache is not None:
             net = DeepCache(self.unet, *self.deep_cache)
@@ -177,16 +179,21 @@ class Pipeline:
             return net(x, t, context).float()
 
         inner = DiscreteDenoiser(unet, self.config.schedule, self.config.prediction, quantize=quantize)
-        return CFGDenoiser(inner, cfg_scale)
+        return ScheduledCFG(inner, cfg_scale, *scheduled) if scheduled else CFGDenoiser(inner, cfg_scale)
 
     def _sample(self, params: GenerationParams, generator: torch.Generator, noise: torch.Tensor,
                 callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
                 start: int = 0, concat: torch.Tensor | None = None, blend: tuple | None = None) -> torch.Tensor:
         """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets)."""
-        cond, uncond = (Condition(c, concat=concat) for c in self.conditioning(params))
+        scheduled = scheduled_conditions(self, params, concat)  # None: one condition for every step
+        if scheduled is None:
+            cond, uncond = (Condition(c, concat=concat) for c in self.conditioning(params))
+        else:
+            self.prompt_loras(params)
+            cond = uncond = None
 
         def make_model(quantize: bool):
-            model = self.denoiser(params.cfg_scale, quantize)
+            model = self.denoiser(params.cfg_scale, quantize, scheduled)
             return MaskBlend(model, *blend) if blend else model
 
         return samplers.sample(
@@ -363,14 +370,7 @@ class Pipeline:
     def model_hash(self) -> str:
         """AUTOMATIC1111's short model hash: the first 10 hex digits of the file's sha256."""
         if self._hash is None:
-            if self.path is None or not self.path.is_file():
-                self._hash = ""
-            else:
-                h = hashlib.sha256()
-                with open(self.path, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 24), b""):
-                        h.update(block)
-                self._hash = h.hexdigest()[:10]
+            self._hash = sha256(self.path)[:10] if self.path is not None and self.path.is_file() else ""
         return self._hash
 
     def infotext(self, p: GenerationParams) -> str:

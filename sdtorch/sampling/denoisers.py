@@ -86,6 +86,41 @@ class CFGDenoiser(nn.Module):
         return x0_uncond + self.scale * (x0_cond - x0_uncond)
 
 
+Schedule = list[tuple[int, Condition]]  # (last denoiser call it conditions, condition), in order
+
+
+def at_call(schedule: Schedule, k: int) -> Condition:
+    """The condition of denoiser call k (0-based): the first entry that lasts to k or later."""
+    return next((c for end, c in schedule if k <= end), schedule[-1][1])
+
+
+class ScheduledCFG(nn.Module):
+    """Guidance over composable, scheduled conditions, as AUTOMATIC1111 does it: at denoiser call
+    k (counted from 0, one per call) each part's condition and the negative one are their
+    schedules' entries for k, and x0 = x0_uncond + scale * sum_i w_i (x0_i - x0_uncond)
+    (composable diffusion, Liu et al. 2022), all parts in one UNet batch. The call's own
+    cond / uncond arguments are ignored: the schedules replace them."""
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], scale: float, parts: list[tuple[float, Schedule]],
+                 uncond: Schedule):
+        super().__init__()
+        self.denoiser, self.scale, self.parts, self.uncond = denoiser, scale, parts, uncond
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond=None, uncond=None) -> torch.Tensor:
+        k, self.calls = self.calls, self.calls + 1
+        conds = [(w, at_call(s, k)) for w, s in self.parts]
+        if self.scale <= 1 and len(conds) == 1 and conds[0][0] == 1.0:
+            return self.denoiser(x, sigma, conds[0][1])
+        batch = at_call(self.uncond, k)
+        for _, c in conds:
+            batch = batch.cat(c)
+        n = len(conds) + 1
+        x0 = self.denoiser(torch.cat([x] * n), torch.cat([sigma] * n), batch).chunk(n)
+        guided = sum(w * (x0_i - x0[0]) for (w, _), x0_i in zip(conds, x0[1:]))
+        return x0[0] + self.scale * guided
+
+
 class MaskBlend(nn.Module):
     """Inpainting with an ordinary checkpoint: where mask == 0 the denoised estimate is the known
     image's latents, so every step pulls the known region to it and the sampler repaints only

@@ -8,7 +8,6 @@ directory by path, size and modification time, so a restart does not read every 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtorch.formats.atomic import atomic_write
+from sdtorch.formats.files import sha256
 from sdtorch.generate import Pipeline, load
 from sdtorch.generate.loading import BUILTIN
 
@@ -61,11 +61,7 @@ class HashCache:
         st = path.stat()
         key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in self._data:
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            self._data[key] = h.hexdigest()
+            self._data[key] = sha256(path)
             if self.path is not None:
                 atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(self._data, indent=0)))
         return self._data[key]
