@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from sdtorch.config import UNetConfig
 from sdtorch.formats import diffusers as convert
 from sdtorch.formats.checkpoint import _few, read_state_dict
+from sdtorch.formats.files import sha256
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
 
@@ -134,6 +135,7 @@ class LoRANetwork(nn.Module):
         self.loras = nn.ModuleList(loras)
         self.name = name
         self.metadata = dict(metadata or {})
+        self.shorthash = ""  # of the file it was read from
 
     def forward(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
@@ -217,6 +219,8 @@ def load(source: str | Path | dict[str, Tensor], unet: UNetModel, clip: ClipText
         alpha = float(parts["alpha"]) if "alpha" in parts else _peft_alpha(peft, group, down.shape[0])
         loras.append(LoRA(down, up, alpha, conv=_conv_args(base)))
     network = LoRANetwork(list(seen), loras, name=name, metadata=meta)
+    if not isinstance(source, dict):  # A1111's "Lora hashes" infotext field: 12 hex digits of the file's
+        network.shorthash = sha256(source)[:12]
     weight = next(unet.parameters())
     return network.to(device=device or weight.device, dtype=dtype or weight.dtype)
 

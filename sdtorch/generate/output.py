@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 
 import numpy as np
@@ -37,28 +36,3 @@ def png_bytes(image) -> bytes:
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
-
-def parse_infotext(text: str) -> dict:
-    """AUTOMATIC1111's `parameters` text -> a dict ("Prompt", "Negative prompt", then the
-    "Key: value" fields of the last line; "Size" also as "Size-1" / "Size-2", as A1111 reports)."""
-    lines = text.strip().split("\n")
-    last = lines[-1] if lines and _FIELD.match(lines[-1]) and ":" in lines[-1] else ""
-    body = lines[:-1] if last else lines
-    prompt, negative, into_negative = [], [], False
-    for line in body:
-        if line.startswith("Negative prompt:"):
-            into_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if into_negative else prompt).append(line)
-    out: dict = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in _FIELDS.findall(last):
-        value = value.strip()
-        if value.startswith('"') and value.endswith('"') and len(value) > 1:
-            value = value[1:-1].replace('\\"', '"')
-        out[key.strip()] = value
-    if "Size" in out and "x" in out["Size"]:
-        out["Size-1"], out["Size-2"] = out["Size"].split("x", 1)
-    return out
-
-
-_FIELD = re.compile(r"^(\s*[\w \-/+]+:\s*(\"(?:\\.|[^\\\"])+\"|[^,]*)(?:,|$))+$")
-_FIELDS = re.compile(r"\s*([\w \-/+]+):\s*(\"(?:\\.|[^\\\"])+\"|[^,]*)(?:,|$)")

@@ -374,25 +374,7 @@ class Pipeline:
         return self._hash
 
     def infotext(self, p: GenerationParams) -> str:
-        """The `parameters` text AUTOMATIC1111 writes into PNGs (and tools read back)."""
-        fields = {
-            "Steps": p.steps,
-            "Sampler": samplers.display_name(p.sampler, p.scheduler),
-            "CFG scale": p.cfg_scale,
-            "Seed": p.seed,
-            "Size": f"{p.width}x{p.height}",
-            "Model hash": self.model_hash(),
-            "Model": self.path.stem if self.path else self.config.name,
-        }
-        if p.clip_skip:
-            fields["Clip skip"] = p.clip_skip
-        if p.eta:
-            fields["Eta"] = p.eta
-        if self.deep_cache is not None:  # it changes the image: say so
-            fields["DeepCache"] = f"interval {self.deep_cache[0]} branch {self.deep_cache[1]}"
-        if self.dtype != torch.float32:
-            fields["Precision"] = str(self.dtype).removeprefix("torch.")
-        fields.update(p.extra)
-        line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != "")
-        neg = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
-        return f"{p.prompt}{neg}\n{line}"
+        """The `parameters` text AUTOMATIC1111 writes into PNGs (`sdtorch.generate.infotext`)."""
+        from sdtorch.generate.infotext import infotext
+
+        return infotext(self, p)

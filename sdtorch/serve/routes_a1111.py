@@ -10,7 +10,7 @@ from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 
 from sdtorch.generate import RequestError
-from sdtorch.generate.output import parse_infotext
+from sdtorch.generate.infotext import parse_infotext
 from sdtorch.sampling import samplers
 from sdtorch.sampling.schedulers import SCHEDULERS
 from sdtorch.serve import a1111
