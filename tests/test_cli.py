@@ -32,7 +32,7 @@ def test_generate_writes_pngs_with_a1111_parameters(tiny_file, tmp_path):
     assert lines[0] == "a red apple"
     assert lines[1] == "Negative prompt: blurry"
     assert lines[2].startswith("Steps: 4, Sampler: Euler a, CFG scale: 5.0, Seed: 42, Size: 32x48, Model hash: ")
-    assert lines[2].endswith(", Model: tiny")
+    assert lines[2].endswith(", Model: tiny, Version: sdtorch-0.1.0")
 
 
 def test_same_seed_same_image_and_info(tiny_file, tmp_path):

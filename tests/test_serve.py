@@ -87,7 +87,8 @@ BAD = [
     ("unknown LoRA", "POST", "/sdapi/v1/txt2img", {**SMALL, "prompt": "cat <lora:missing:0.5>"}, 422, "missing"),
     ("hires fix", "POST", "/sdapi/v1/txt2img", {**SMALL, "enable_hr": True}, 422, "enable_hr"),
     ("variation seed", "POST", "/sdapi/v1/txt2img", {**SMALL, "subseed_strength": 0.5}, 422, "subseed_strength"),
-    ("styles", "POST", "/sdapi/v1/txt2img", {**SMALL, "styles": ["cinematic"]}, 422, "styles"),
+    ("styles without a styles file", "POST", "/sdapi/v1/txt2img", {**SMALL, "styles": ["cinematic"]}, 422,
+     "--styles-file"),
     ("face restoration", "POST", "/sdapi/v1/txt2img", {**SMALL, "restore_faces": True}, 422, "restore_faces"),
     ("script", "POST", "/sdapi/v1/txt2img", {**SMALL, "script_name": "x/y/z plot"}, 422, "x/y/z plot"),
     ("always-on script", "POST", "/sdapi/v1/txt2img", {**SMALL, "alwayson_scripts": {"controlnet": {"args": []}}}, 422,
@@ -273,6 +274,23 @@ def test_a1111_plan_maps_fields():
         a1111.plan(a1111.parse("txt2img", {"tiling": True}), native=64, downscale=8, options={}, limits=a1111.Limits(),
                    seed=1, subseed=1)
     assert e.value.field == "tiling"
+
+
+def test_styles_apply_by_name(tmp_path):
+    csv = tmp_path / "styles.csv"
+    csv.write_text('name,prompt,negative_prompt\nframed,"a photo of {prompt}",blurry\n')
+    service = make_service(tmp_path / "data", styles_file=str(csv))
+    try:
+        with TestClient(create_app(service)) as c:
+            assert c.get("/sdapi/v1/prompt-styles").json() == [{"name": "framed", "prompt": "a photo of {prompt}",
+                                                                "negative_prompt": "blurry"}]
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a cat", "styles": ["framed"]})
+            assert r.status_code == 200, r.text
+            assert json.loads(r.json()["info"])["infotexts"][0].startswith("a photo of a cat\nNegative prompt: blurry\n")
+            r = c.post("/sdapi/v1/txt2img", json={**SMALL, "styles": ["nope"]})
+            assert r.status_code == 422 and "nope" in r.json()["detail"]
+    finally:
+        service.stop()
 
 
 def test_models_dir_lists_and_switches_by_name_only(tmp_path):

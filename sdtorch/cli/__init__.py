@@ -92,6 +92,10 @@ def _prompt_options(p: argparse.ArgumentParser) -> None:
                    "plain: the reference's encoding, truncated at 77 tokens")
     p.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings (.pt/.safetensors); "
                    "a file's stem is its trigger word")
+    p.add_argument("--from-png", metavar="FILE", help="take prompt, seed, sampler, steps, CFG, size, ... from a "
+                   "PNG's A1111 infotext (flags given here win)")
+    p.add_argument("--styles-file", metavar="CSV", help="A1111's styles.csv (name, prompt, negative_prompt)")
+    p.add_argument("--style", action="append", default=[], metavar="NAME", help="apply a style; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", help="(or --from-png)")
     _common(gen)
     _prompt_options(gen)
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
@@ -160,11 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sdtorch.cli.recall import apply_infotext, apply_style_options
     from sdtorch.editing import inspect, p2p
     from sdtorch.editing.pictures import attention_grid, save_process
     from sdtorch.generate.loading import load
     from sdtorch.generate.params import GenerationParams, validate
 
+    if getattr(args, "from_png", None):
+        apply_infotext(args, args.argv)
+    if args.prompt is None:
+        raise ValueError("give a prompt (or --from-png FILE)")
+    apply_style_options(args)
     size = (getattr(args, "width", None), getattr(args, "height", None))
     # Check the arguments before spending seconds on loading the model.
     validate(GenerationParams(args.prompt, args.negative, args.steps, args.sampler, args.cfg, 0,
@@ -303,6 +313,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         from sdtorch.cli.train import cmd_train

@@ -144,7 +144,7 @@ def resolve_seeds(req: _Common) -> tuple[int, int]:
 
 
 def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Limits, seed: int, subseed: int,
-         lora_exists: Callable[[str], None] | None = None) -> Plan:
+         lora_exists: Callable[[str], None] | None = None, styles: dict | None = None) -> Plan:
     """The runs one A1111 request makes on a loaded model of native size `native` (pixels), with
     its resolved `seed` (batches get seed, seed + batch_size, ... as A1111 numbers them).
     `options` are the server's current options, updated by the request's override_settings.
@@ -154,8 +154,9 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
     width, height = req.width or native, req.height or native
     _check_limits(req, width, height, limits)
     sampler, scheduler = _sampler(req)
+    prompt, negative = _styled(req, styles or {})
     base = GenerationRequest(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler,
+        prompt=prompt, negative_prompt=negative, steps=req.steps, sampler=sampler,
         scheduler=scheduler, cfg_scale=req.cfg_scale, seed=seed % 2**32,
         width=width, height=height, batch_size=req.batch_size, eta=_eta(req, sampler),
         clip_skip=_clip_skip(opts.get("CLIP_stop_at_last_layers", 1)))
@@ -167,10 +168,23 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
     except RequestError as e:
         raise RequestError(_a1111_field(e.field), str(e)) from None
     if lora_exists is not None and not req.disable_extra_networks:
-        _check_loras(req.prompt, lora_exists)
+        _check_loras(prompt, lora_exists)
     runs = [_replace_seed(base, base.seed + i * req.batch_size) for i in range(req.n_iter)]
     parameters = {**req.model_dump(), "width": width, "height": height}
     return Plan(runs, finish, parameters, subseed)
+
+
+def _styled(req: _Common, styles: dict) -> tuple[str, str]:
+    from sdtorch.conditioning.styles import apply_styles
+
+    if not req.styles:
+        return req.prompt, req.negative_prompt
+    if not styles:
+        _refuse("styles", "this server has no styles (start it with --styles-file styles.csv)")
+    try:
+        return apply_styles(req.prompt, req.negative_prompt, req.styles, styles)
+    except ValueError as e:
+        raise RequestError("styles", f"styles: {e}") from None
 
 
 def _replace_seed(r: GenerationRequest, seed: int) -> GenerationRequest:
@@ -190,8 +204,6 @@ def _refuse(name: str, why: str) -> None:
 
 def _refuse_unsupported(req: _Common) -> None:
     """Fields whose non-default values sdtorch does not implement (yet): refused, never ignored."""
-    if req.styles:
-        _refuse("styles", "prompt styles are not supported by this server")
     if req.subseed_strength:
         _refuse("subseed_strength", "variation seeds are not supported yet (send 0)")
     if req.seed_resize_from_h > 0 or req.seed_resize_from_w > 0:

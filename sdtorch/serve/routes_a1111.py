@@ -185,7 +185,7 @@ def _lists(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/prompt-styles")
     def prompt_styles():
-        return []
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in service.styles.values()]
 
     @app.get("/sdapi/v1/memory")
     def memory():

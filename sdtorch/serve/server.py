@@ -24,6 +24,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--models-dir", help="every checkpoint in this folder is offered by name (nothing else can be loaded)")
     p.add_argument("--lora-dir", help="the folder <lora:NAME:W> tags are resolved in (default: MODELS_DIR/Lora)")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings for every model")
+    p.add_argument("--styles-file", help="A1111's styles.csv: requests' `styles` are applied by name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", help="USER:PASS[,USER:PASS...]: HTTP basic auth on every route")
@@ -60,7 +61,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     settings = Settings(
         data_dir=Path(args.data_dir), checkpoint=args.checkpoint, models_dir=args.models_dir, lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir, max_queue=args.max_queue, preview_every=args.preview_every,
+        embeddings_dir=args.embeddings_dir, styles_file=args.styles_file, max_queue=args.max_queue,
+        preview_every=args.preview_every,
         preview=args.preview, dtype=args.dtype, auth=_auth(args.api_auth),
         limits=a1111.Limits(max_pixels=args.max_pixels, max_steps=args.max_steps))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.auth:

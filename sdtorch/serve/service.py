@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtorch.conditioning.styles import read_styles
 from sdtorch.generate import RequestError
 from sdtorch.serve import a1111
 from sdtorch.serve.models import Models
@@ -64,6 +65,7 @@ class Settings:
     models_dir: str | None = None
     lora_dir: str | None = None
     embeddings_dir: str | None = None
+    styles_file: str | None = None
     max_queue: int = 64
     preview_every: int = 2
     preview: str = "cheap"
@@ -81,6 +83,7 @@ class Service:
         lora_dir = Path(settings.lora_dir) if settings.lora_dir else _default_lora_dir(settings.models_dir)
         self.models = Models(settings.checkpoint, settings.models_dir, cache_dir=settings.data_dir, dtype=settings.dtype,
                              lora_dir=lora_dir, embeddings_dir=Path(settings.embeddings_dir) if settings.embeddings_dir else None)
+        self.styles = read_styles(settings.styles_file) if settings.styles_file else {}
         self.options = {"sd_model_checkpoint": self.models.default, "CLIP_stop_at_last_layers": 1}
         self.hub = Hub()
         self.worker = Worker(self.store, self.models, self.options, settings.limits,
@@ -89,6 +92,7 @@ class Service:
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._wlock = threading.Lock()
         self.worker.on_finish = self._finished
+        self.worker.styles = self.styles
 
     def start(self) -> None:
         self.worker.start()
@@ -110,7 +114,7 @@ class Service:
         seed, subseed = a1111.resolve_seeds(req)
         options = dict(self.options)
         a1111.plan(req, native=native, downscale=downscale, options=options, limits=self.settings.limits,
-                   seed=seed, subseed=subseed, lora_exists=self._lora_exists)
+                   seed=seed, subseed=subseed, lora_exists=self._lora_exists, styles=self.styles)
         record = {"body": req.model_dump(exclude_unset=True), "seed": seed, "subseed": subseed, "options": options}
         job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
         if job is None:

@@ -68,6 +68,7 @@ class Worker:
         self.store, self.models, self.options, self.limits = store, models, options, limits
         self.preview_every, self.preview_mode = preview_every, preview_mode
         self.publish = publish
+        self.styles: dict = {}  # A1111 styles by name (--styles-file)
         self.progress = Progress()
         self._wake = threading.Condition()
         self._stopping = threading.Event()
@@ -161,7 +162,7 @@ class Worker:
         req = a1111.parse(job.kind, job.request["body"])
         plan = a1111.plan(req, native=pipe.config.sample_size, downscale=pipe.vae.downscale,
                           options=job.request["options"], limits=self.limits, seed=job.request["seed"],
-                          subseed=job.request["subseed"])
+                          subseed=job.request["subseed"], styles=self.styles)
         runs = plan.runs
         per_run = _steps(runs[0])
         p = self.progress
