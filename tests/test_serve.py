@@ -86,7 +86,8 @@ BAD = [
     ("unknown override", "POST", "/sdapi/v1/txt2img", {**SMALL, "override_settings": {"sd_vae": "x"}}, 422, "sd_vae"),
     ("unknown LoRA", "POST", "/sdapi/v1/txt2img", {**SMALL, "prompt": "cat <lora:missing:0.5>"}, 422, "missing"),
     ("hires fix", "POST", "/sdapi/v1/txt2img", {**SMALL, "enable_hr": True}, 422, "enable_hr"),
-    ("variation seed", "POST", "/sdapi/v1/txt2img", {**SMALL, "subseed_strength": 0.5}, 422, "subseed_strength"),
+    ("variation strength above 1", "POST", "/sdapi/v1/txt2img", {**SMALL, "subseed_strength": 1.5}, 422,
+     "subseed_strength"),
     ("styles without a styles file", "POST", "/sdapi/v1/txt2img", {**SMALL, "styles": ["cinematic"]}, 422,
      "--styles-file"),
     ("face restoration", "POST", "/sdapi/v1/txt2img", {**SMALL, "restore_faces": True}, 422, "restore_faces"),
@@ -149,7 +150,7 @@ def test_txt2img_response_shape(client):
     assert body["parameters"]["steps"] == 3 and body["parameters"]["cfg_scale"] == 7.0  # A1111's default filled
     assert body["parameters"]["width"] == 64
     info = json.loads(body["info"])
-    assert info["all_seeds"] == [7, 7, 9, 9]  # each batch from one generator: seed, seed + batch_size
+    assert info["all_seeds"] == [7, 8, 9, 10]  # the server's default seed mode: A1111's, image i from seed + i
     assert info["sampler_name"] == "Euler" and info["sd_model_name"] == "emoji" and len(info["sd_model_hash"]) == 10
     assert len(info["infotexts"]) == 4 and "Seed: 9" in info["infotexts"][2]
     image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))

@@ -44,6 +44,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 turns guidance off")
     p.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
     p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--seed-mode", choices=["diffusers", "a1111"], default="diffusers",
+                   help="diffusers: one generator for the batch (the reference's images; default); a1111: "
+                   "image i from seed + i, as AUTOMATIC1111")
+    p.add_argument("--subseed", type=int, default=None, help="variation seed (default: random)")
+    p.add_argument("--subseed-strength", type=float, default=0.0, help="0: the seed's noise .. 1: the subseed's")
+    p.add_argument("--seed-resize-from", default=None, metavar="WxH",
+                   help="draw the seed's noise at this size and paste it in the middle (--seed-mode a1111)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: detected/guessed")
@@ -273,7 +280,19 @@ def _request(args: argparse.Namespace, seed: int):
         prompt_syntax=args.prompt_syntax, init_image=init, mask=mask,
         strength=getattr(args, "strength", 0.75), deep_cache=args.deep_cache if args.deep_cache > 1 else 0,
         deep_cache_branch=args.deep_cache_branch, tile_vae=args.tile_vae, attention_chunk=args.attention_chunk,
+        seed_mode=args.seed_mode, subseed=-1 if args.subseed is None else args.subseed,
+        subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from),
     ).validate()
+
+
+def _size(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 0)
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    return w, h
 
 
 def _save_all(images, out: Path, seed: int) -> None:

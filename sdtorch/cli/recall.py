@@ -23,8 +23,10 @@ FIELDS = {
     "Clip skip": ("clip_skip", ("--clip-skip",), int),
     "Eta": ("eta", ("--eta",), float),
     "Denoising strength": ("strength", ("--strength",), float),
+    "Variation seed": ("subseed", ("--subseed",), int),
+    "Variation seed strength": ("subseed_strength", ("--subseed-strength",), float),
 }
-UNSUPPORTED = ("Hires upscale", "Hires steps", "Variation seed strength", "Hires resize-1")
+UNSUPPORTED = ("Hires upscale", "Hires steps", "Hires resize-1")
 
 
 def _given(argv: list[str], flags: tuple[str, ...]) -> bool:

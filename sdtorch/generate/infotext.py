@@ -28,16 +28,23 @@ def _quote(value: str) -> str:
     return '"' + value.replace('"', '\\"') + '"' if any(c in value for c in ',:"\n') else value
 
 
-def infotext(pipe, p) -> str:
-    """The infotext of a run with GenerationParams `p` on pipeline `pipe` (its LoRAs applied now)."""
+def infotext(pipe, p, index: int = 0) -> str:
+    """The infotext of image `index` of a run with GenerationParams `p` on pipeline `pipe` (its
+    LoRAs applied now)."""
     base, scheduler = samplers.resolve(p.sampler, p.scheduler)
     fields = {"Steps": p.steps, "Sampler": samplers.SAMPLERS[base].label}
     if scheduler != "automatic":
         fields["Schedule type"] = samplers.LABELS[scheduler]
-    fields.update({"CFG scale": p.cfg_scale, "Seed": p.seed, "Size": f"{p.width}x{p.height}",
+    seed = p.seeds()[index] if index < p.batch_size else p.seed
+    fields.update({"CFG scale": p.cfg_scale, "Seed": seed, "Size": f"{p.width}x{p.height}",
                    "Model hash": pipe.model_hash(), "Model": pipe.path.stem if pipe.path else pipe.config.name})
     if p.clip_skip:
         fields["Clip skip"] = p.clip_skip
+    if p.subseed_strength:
+        fields["Variation seed"] = p.subseed + (index if p.seed_mode == "a1111" else 0)
+        fields["Variation seed strength"] = p.subseed_strength
+    if p.seed_resize_from[0] > 0 and p.seed_resize_from[1] > 0:
+        fields["Seed resize from"] = f"{p.seed_resize_from[0]}x{p.seed_resize_from[1]}"
     if p.eta:
         fields["Eta"] = p.eta
     loras = [a.network for a in pipe.loras.applied]

@@ -24,6 +24,14 @@ class GenerationParams:
     clip_skip: int | None = None
     extra: dict = field(default_factory=dict)
     scheduler: str = "automatic"  # with a combined sampler name ("dpmpp_2m_karras"): automatic
+    seed_mode: str = "diffusers"  # or "a1111": per-image seeds seed, seed + 1, ... (sdtorch.sampling.noise)
+    subseed: int = 0  # variation seed, mixed in by slerp with subseed_strength
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] = (0, 0)  # (w, h): the seed's noise drawn at this size (a1111 mode)
+
+    def seeds(self) -> list[int]:
+        """Each image's seed: all the same in diffusers mode (one generator), seed + i in a1111's."""
+        return [self.seed + i if self.seed_mode == "a1111" else self.seed for i in range(self.batch_size)]
 
 
 def validate(p: GenerationParams, downscale: int = 8) -> None:

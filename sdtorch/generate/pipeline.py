@@ -44,6 +44,7 @@ from sdtorch.models.unet import CrossAttention, UNetModel
 from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling import samplers
 from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, MaskBlend, ScheduledCFG
+from sdtorch.sampling.noise import initial_noise
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,14 @@ class Pipeline:
                          progress: bool = True) -> torch.Tensor:
         """Run the sampler; returns the final latents (B, 4, H/f, W/f), unscaled for decoding."""
         validate(params, self.vae.downscale)
-        generator = torch.Generator("cpu").manual_seed(params.seed)
-        noise = torch.randn(self.latent_shape(params), generator=generator, dtype=torch.float32)
+        generator, noise = self._noise(params, self.latent_shape(params))
         return self._sample(params, generator, noise, callback, progress)
+
+    def _noise(self, params: GenerationParams, shape, generator: torch.Generator | None = None):
+        """(the sampler's noise source, initial noise) in the request's seed mode (`sampling.noise`)."""
+        return initial_noise(shape, params.seed, mode=params.seed_mode, generator=generator, subseed=params.subseed,
+                             subseed_strength=params.subseed_strength, resize_from=params.seed_resize_from,
+                             downscale=self.vae.downscale)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generator: torch.Generator, batch_size: int) -> torch.Tensor:
@@ -237,8 +243,8 @@ class Pipeline:
         start = img2img_start(params.steps, strength)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         init = self.encode_image(image, generator, params.batch_size)  # draws from the generator first
-        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32)
-        return self._sample(params, generator, noise, callback, progress, init=init, start=start)
+        source, noise = self._noise(params, init.shape, generator)
+        return self._sample(params, source, noise, callback, progress, init=init, start=start)
 
     @torch.no_grad()
     def inpaint_latents(self, image: torch.Tensor, mask: torch.Tensor, params: GenerationParams,
@@ -253,14 +259,14 @@ class Pipeline:
         small = F.interpolate(mask, size=self.latent_shape(params)[-2:]).to(self.device)  # nearest
         if concat_kind(self.config) == "inpainting":  # the UNet takes mask + masked image
             init = self.encode_image(image, generator, params.batch_size) if strength < 1 else None
-            noise = torch.randn(self.latent_shape(params), generator=generator, dtype=torch.float32)
+            source, noise = self._noise(params, self.latent_shape(params), generator)
             masked = self.encode_image(image * (mask < 0.5), generator, params.batch_size)
             concat = torch.cat([small.repeat(params.batch_size, 1, 1, 1), masked], dim=1)  # (B, 5, h, w)
-            return self._sample(params, generator, noise, callback, progress, init=init, start=start, concat=concat)
+            return self._sample(params, source, noise, callback, progress, init=init, start=start, concat=concat)
         known = self.encode_image(image, generator, params.batch_size)
-        noise = torch.randn(known.shape, generator=generator, dtype=torch.float32)
+        source, noise = self._noise(params, known.shape, generator)
         init = known if strength < 1 else None
-        x = self._sample(params, generator, noise, callback, progress, init=init, start=start, blend=(known, small))
+        x = self._sample(params, source, noise, callback, progress, init=init, start=start, blend=(known, small))
         return small * x + (1 - small) * known  # exact outside the mask (in latent space)
 
     @torch.no_grad()
@@ -361,10 +367,9 @@ class Pipeline:
         self.loras.clear()
 
     def _images(self, params: GenerationParams, latents: torch.Tensor) -> list[Image.Image]:
-        text = self.infotext(params)
         images = to_pil(self.decode(latents))
-        for image in images:
-            image.info["parameters"] = text
+        for i, image in enumerate(images):
+            image.info["parameters"] = self.infotext(params, i)
         return images
 
     def model_hash(self) -> str:
@@ -373,8 +378,8 @@ class Pipeline:
             self._hash = sha256(self.path)[:10] if self.path is not None and self.path.is_file() else ""
         return self._hash
 
-    def infotext(self, p: GenerationParams) -> str:
+    def infotext(self, p: GenerationParams, index: int = 0) -> str:
         """The `parameters` text AUTOMATIC1111 writes into PNGs (`sdtorch.generate.infotext`)."""
         from sdtorch.generate.infotext import infotext
 
-        return infotext(self, p)
+        return infotext(self, p, index)

@@ -79,6 +79,10 @@ class GenerationRequest:
     deep_cache_branch: int = 0
     tile_vae: bool | None = None  # None: tiles above 1024x1024
     attention_chunk: int = 0
+    seed_mode: str = "diffusers"  # "a1111": image i from its own seed, seed + i (sdtorch.sampling.noise)
+    subseed: int = -1  # variation seed (-1: random, resolved by `resolved()`)
+    subseed_strength: float = 0.0  # 0: the seed's noise, 1: the subseed's
+    seed_resize_from: tuple[int, int] = (0, 0)  # (w, h) > 0: the seed's noise drawn at that size (a1111 mode)
 
     @property
     def kind(self) -> str:
@@ -87,8 +91,9 @@ class GenerationRequest:
         return "inpaint" if self.mask is not None else "img2img"
 
     def resolved(self) -> GenerationRequest:
-        """The same request with a concrete seed."""
-        return self if self.seed >= 0 else replace(self, seed=random.randrange(2**32))
+        """The same request with a concrete seed (and subseed)."""
+        r = self if self.seed >= 0 else replace(self, seed=random.randrange(2**32))
+        return r if r.subseed >= 0 else replace(r, subseed=random.randrange(2**32))
 
     def validate(self, downscale: int = 8) -> GenerationRequest:
         """Raise `RequestError` for the first bad field; returns self."""
@@ -119,7 +124,20 @@ class GenerationRequest:
             raise RequestError("strength", f"strength must be in [0, 1], got {self.strength!r}")
         self._validate_images()
         self._validate_adapters()
+        self._validate_seeds()
         return self
+
+    def _validate_seeds(self) -> None:
+        from sdtorch.sampling.noise import SEED_MODES
+
+        if self.seed_mode not in SEED_MODES:
+            raise RequestError("seed_mode", f"seed mode must be one of {', '.join(SEED_MODES)}, got {self.seed_mode!r}")
+        _check_int(self, "subseed", -1)
+        if not isinstance(self.subseed_strength, (int, float)) or not 0 <= self.subseed_strength <= 1:
+            raise RequestError("subseed_strength", f"subseed strength must be in [0, 1], got {self.subseed_strength!r}")
+        w, h = self.seed_resize_from
+        if (w > 0 and h > 0) and self.seed_mode != "a1111":
+            raise RequestError("seed_resize_from", "seed_resize_from needs seed_mode 'a1111'")
 
     def _validate_images(self) -> None:
         for name in ("init_image", "mask"):

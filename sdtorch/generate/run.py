@@ -37,7 +37,9 @@ class RunResult:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.request.seed] * len(self.images)
+        """Each image's seed (a1111 seed mode: seed, seed + 1, ...)."""
+        r = self.request
+        return [r.seed + i if r.seed_mode == "a1111" else r.seed for i in range(len(self.images))]
 
 
 def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
@@ -80,7 +82,9 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
     if scheduler == "karras" and f"{sampler}_karras" in samplers.ALIASES:  # the combined name, as 0.1 wrote it
         sampler, scheduler = f"{sampler}_karras", "automatic"
     return GenerationParams(r.prompt, r.negative_prompt, r.steps, sampler, r.cfg_scale, r.seed, size_w, size_h,
-                            r.batch_size, r.eta, r.clip_skip, scheduler=scheduler)
+                            r.batch_size, r.eta, r.clip_skip, scheduler=scheduler, seed_mode=r.seed_mode,
+                            subseed=r.subseed, subseed_strength=r.subseed_strength,
+                            seed_resize_from=tuple(r.seed_resize_from))
 
 
 def _pixels(r: GenerationRequest) -> torch.Tensor | None:

@@ -41,7 +41,10 @@ Model = Callable[..., torch.Tensor]
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One noise draw shaped like x, on the generator's device (diffusers' `randn_tensor`)."""
+    """One noise draw shaped like x, on the generator's device (diffusers' `randn_tensor`); per
+    image from an `ImageNoise` (A1111's seed mode)."""
+    if hasattr(generator, "randn_like"):
+        return generator.randn_like(x)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 

@@ -144,7 +144,8 @@ def resolve_seeds(req: _Common) -> tuple[int, int]:
 
 
 def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Limits, seed: int, subseed: int,
-         lora_exists: Callable[[str], None] | None = None, styles: dict | None = None) -> Plan:
+         lora_exists: Callable[[str], None] | None = None, styles: dict | None = None,
+         seed_mode: str = "a1111") -> Plan:
     """The runs one A1111 request makes on a loaded model of native size `native` (pixels), with
     its resolved `seed` (batches get seed, seed + batch_size, ... as A1111 numbers them).
     `options` are the server's current options, updated by the request's override_settings.
@@ -159,7 +160,8 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         prompt=prompt, negative_prompt=negative, steps=req.steps, sampler=sampler,
         scheduler=scheduler, cfg_scale=req.cfg_scale, seed=seed % 2**32,
         width=width, height=height, batch_size=req.batch_size, eta=_eta(req, sampler),
-        clip_skip=_clip_skip(opts.get("CLIP_stop_at_last_layers", 1)))
+        clip_skip=_clip_skip(opts.get("CLIP_stop_at_last_layers", 1)), seed_mode=seed_mode, subseed=subseed % 2**32,
+        subseed_strength=req.subseed_strength, seed_resize_from=_seed_resize(req, seed_mode))
     finish = lambda im: im  # noqa: E731
     if isinstance(req, Img2Img):
         base, finish = _img2img(req, base)
@@ -169,7 +171,7 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         raise RequestError(_a1111_field(e.field), str(e)) from None
     if lora_exists is not None and not req.disable_extra_networks:
         _check_loras(prompt, lora_exists)
-    runs = [_replace_seed(base, base.seed + i * req.batch_size) for i in range(req.n_iter)]
+    runs = [_replace_seed(base, i * req.batch_size) for i in range(req.n_iter)]
     parameters = {**req.model_dump(), "width": width, "height": height}
     return Plan(runs, finish, parameters, subseed)
 
@@ -187,15 +189,25 @@ def _styled(req: _Common, styles: dict) -> tuple[str, str]:
         raise RequestError("styles", f"styles: {e}") from None
 
 
-def _replace_seed(r: GenerationRequest, seed: int) -> GenerationRequest:
+def _replace_seed(r: GenerationRequest, offset: int) -> GenerationRequest:
+    """Batch i of an n_iter request: seed and subseed moved on by i x batch_size (A1111)."""
     from dataclasses import replace
 
-    return replace(r, seed=seed % 2**32)
+    return replace(r, seed=(r.seed + offset) % 2**32, subseed=(r.subseed + offset) % 2**32)
+
+
+def _seed_resize(req: _Common, seed_mode: str) -> tuple[int, int]:
+    w, h = req.seed_resize_from_w, req.seed_resize_from_h
+    if w <= 0 or h <= 0:
+        return (0, 0)
+    if seed_mode != "a1111":
+        _refuse("seed_resize_from_w", "needs the server's --seed-mode a1111")
+    return (w, h)
 
 
 def _a1111_field(name: str) -> str:
     return {"sampler": "sampler_name", "strength": "denoising_strength", "init_image": "init_images",
-            "clip_skip": "CLIP_stop_at_last_layers"}.get(name, name)
+            "clip_skip": "CLIP_stop_at_last_layers", "seed_resize_from": "seed_resize_from_w"}.get(name, name)
 
 
 def _refuse(name: str, why: str) -> None:
@@ -204,11 +216,6 @@ def _refuse(name: str, why: str) -> None:
 
 def _refuse_unsupported(req: _Common) -> None:
     """Fields whose non-default values sdtorch does not implement (yet): refused, never ignored."""
-    if req.subseed_strength:
-        _refuse("subseed_strength", "variation seeds are not supported yet (send 0)")
-    if req.seed_resize_from_h > 0 or req.seed_resize_from_w > 0:
-        _refuse("seed_resize_from_w" if req.seed_resize_from_w > 0 else "seed_resize_from_h",
-                "resizing the seed's noise is not supported yet (send -1 or 0)")
     if req.restore_faces:
         _refuse("restore_faces", "no face restoration model is available")
     if req.tiling:

@@ -36,6 +36,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-pixels", type=int, default=a1111.Limits.max_pixels, help="width x height x batch_size limit")
     p.add_argument("--max-steps", type=int, default=a1111.Limits.max_steps)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--seed-mode", choices=("a1111", "diffusers"), default="a1111",
+                   help="a1111 (default): image i of a batch from seed + i, as AUTOMATIC1111; diffusers: one "
+                   "generator per batch, as `sdtorch generate`'s default")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -61,7 +64,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     settings = Settings(
         data_dir=Path(args.data_dir), checkpoint=args.checkpoint, models_dir=args.models_dir, lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir, styles_file=args.styles_file, max_queue=args.max_queue,
+        embeddings_dir=args.embeddings_dir, styles_file=args.styles_file, seed_mode=args.seed_mode,
+        max_queue=args.max_queue,
         preview_every=args.preview_every,
         preview=args.preview, dtype=args.dtype, auth=_auth(args.api_auth),
         limits=a1111.Limits(max_pixels=args.max_pixels, max_steps=args.max_steps))

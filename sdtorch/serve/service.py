@@ -66,6 +66,7 @@ class Settings:
     lora_dir: str | None = None
     embeddings_dir: str | None = None
     styles_file: str | None = None
+    seed_mode: str = "a1111"  # A1111's per-image seeds; "diffusers": the CLI's default
     max_queue: int = 64
     preview_every: int = 2
     preview: str = "cheap"
@@ -92,7 +93,7 @@ class Service:
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._wlock = threading.Lock()
         self.worker.on_finish = self._finished
-        self.worker.styles = self.styles
+        self.worker.styles, self.worker.seed_mode = self.styles, settings.seed_mode
 
     def start(self) -> None:
         self.worker.start()
@@ -114,7 +115,8 @@ class Service:
         seed, subseed = a1111.resolve_seeds(req)
         options = dict(self.options)
         a1111.plan(req, native=native, downscale=downscale, options=options, limits=self.settings.limits,
-                   seed=seed, subseed=subseed, lora_exists=self._lora_exists, styles=self.styles)
+                   seed=seed, subseed=subseed, lora_exists=self._lora_exists, styles=self.styles,
+                   seed_mode=self.settings.seed_mode)
         record = {"body": req.model_dump(exclude_unset=True), "seed": seed, "subseed": subseed, "options": options}
         job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
         if job is None:

@@ -69,6 +69,7 @@ class Worker:
         self.preview_every, self.preview_mode = preview_every, preview_mode
         self.publish = publish
         self.styles: dict = {}  # A1111 styles by name (--styles-file)
+        self.seed_mode = "a1111"  # --seed-mode
         self.progress = Progress()
         self._wake = threading.Condition()
         self._stopping = threading.Event()
@@ -162,7 +163,7 @@ class Worker:
         req = a1111.parse(job.kind, job.request["body"])
         plan = a1111.plan(req, native=pipe.config.sample_size, downscale=pipe.vae.downscale,
                           options=job.request["options"], limits=self.limits, seed=job.request["seed"],
-                          subseed=job.request["subseed"], styles=self.styles)
+                          subseed=job.request["subseed"], styles=self.styles, seed_mode=self.seed_mode)
         runs = plan.runs
         per_run = _steps(runs[0])
         p = self.progress
@@ -179,13 +180,13 @@ class Worker:
                     break
                 p.token, p.skipped = CancelToken(), False
             result = pipe.run(request, on_step=self._on_step(job, pipe, n * per_run), cancel=p.token)
-            for im in result.images:
+            for im, seed in zip(result.images, result.seeds):
                 im = plan.finish(im)
                 png = png_bytes(im)
                 self.store.save_image(job.id, len(images), png)
                 images.append(png)
                 infotexts.append(im.info.get("parameters", ""))
-                seeds.append(result.request.seed)
+                seeds.append(seed)
         info = _info(job, req, plan, pipe, self.models, runs, infotexts, seeds, p.timestamp)
         if not self.store.complete(job.id, len(images), json.dumps(info)):
             raise Cancelled("the job was no longer running")
@@ -246,7 +247,8 @@ def _info(job: Job, req, plan: a1111.Plan, pipe, models: Models, runs, infotexts
         "prompt": req.prompt, "all_prompts": [req.prompt] * n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
         "seed": seeds[0] if seeds else first.seed, "all_seeds": seeds,
-        "subseed": plan.subseed, "all_subseeds": [plan.subseed] * n, "subseed_strength": req.subseed_strength,
+        "subseed": first.subseed, "all_subseeds": _subseeds(runs, first.seed_mode),
+        "subseed_strength": req.subseed_strength,
         "width": first.width, "height": first.height,
         "sampler_name": samplers.display_name(first.sampler, "automatic"),
         "cfg_scale": first.cfg_scale, "steps": first.steps, "batch_size": first.batch_size,
@@ -261,6 +263,10 @@ def _info(job: Job, req, plan: a1111.Plan, pipe, models: Models, runs, infotexts
         "is_using_inpainting_conditioning": concat_kind(pipe.config) == "inpainting",
         "version": _version(),
     }
+
+
+def _subseeds(runs, mode: str) -> list[int]:
+    return [r.subseed + (i if mode == "a1111" else 0) for r in runs for i in range(r.batch_size)]
 
 
 def _version() -> str:
