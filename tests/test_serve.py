@@ -272,9 +272,9 @@ def test_a1111_plan_maps_fields():
                       limits=a1111.Limits(), seed=1, subseed=1)
     assert ddim.runs[0].eta == 0.5
     with pytest.raises(RequestError) as e:
-        a1111.plan(a1111.parse("txt2img", {"tiling": True}), native=64, downscale=8, options={}, limits=a1111.Limits(),
+        a1111.plan(a1111.parse("txt2img", {"restore_faces": True}), native=64, downscale=8, options={}, limits=a1111.Limits(),
                    seed=1, subseed=1)
-    assert e.value.field == "tiling"
+    assert e.value.field == "restore_faces"
 
 
 def test_styles_apply_by_name(tmp_path):

@@ -49,6 +49,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "image i from seed + i, as AUTOMATIC1111")
     p.add_argument("--subseed", type=int, default=None, help="variation seed (default: random)")
     p.add_argument("--subseed-strength", type=float, default=0.0, help="0: the seed's noise .. 1: the subseed's")
+    p.add_argument("--tiling", action="store_true", help="seamless tiling: the image wraps around at its edges")
     p.add_argument("--seed-resize-from", default=None, metavar="WxH",
                    help="draw the seed's noise at this size and paste it in the middle (--seed-mode a1111)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -281,7 +282,7 @@ def _request(args: argparse.Namespace, seed: int):
         strength=getattr(args, "strength", 0.75), deep_cache=args.deep_cache if args.deep_cache > 1 else 0,
         deep_cache_branch=args.deep_cache_branch, tile_vae=args.tile_vae, attention_chunk=args.attention_chunk,
         seed_mode=args.seed_mode, subseed=-1 if args.subseed is None else args.subseed,
-        subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from),
+        subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
     ).validate()
 
 

@@ -59,6 +59,8 @@ def apply_infotext(args: argparse.Namespace, argv: list[str]) -> None:
         setattr(args, dest, kind(fields[key]))
     if "Sampler" in fields and not _given(argv, ("--sampler", "--scheduler")):
         args.sampler, args.scheduler = samplers.from_a1111(fields["Sampler"], fields.get("Schedule type"))
+    if fields.get("Tiling") == "True" and not _given(argv, ("--tiling",)):
+        args.tiling = True
     if "Size" in fields and hasattr(args, "width") and not _given(argv, ("--width", "--height")):
         args.width, args.height = (int(v) for v in fields["Size"].split("x"))
 

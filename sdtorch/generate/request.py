@@ -83,6 +83,7 @@ class GenerationRequest:
     subseed: int = -1  # variation seed (-1: random, resolved by `resolved()`)
     subseed_strength: float = 0.0  # 0: the seed's noise, 1: the subseed's
     seed_resize_from: tuple[int, int] = (0, 0)  # (w, h) > 0: the seed's noise drawn at that size (a1111 mode)
+    tiling: bool = False  # seamless: circular padding in the UNet and VAE convolutions
 
     @property
     def kind(self) -> str:

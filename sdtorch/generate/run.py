@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from sdtorch.adapters.seamless import seamless
 from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor
 from sdtorch.generate.params import GenerationParams
 from sdtorch.generate.request import Cancelled, CancelToken, GenerationRequest, RequestError
@@ -84,7 +85,7 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
     return GenerationParams(r.prompt, r.negative_prompt, r.steps, sampler, r.cfg_scale, r.seed, size_w, size_h,
                             r.batch_size, r.eta, r.clip_skip, scheduler=scheduler, seed_mode=r.seed_mode,
                             subseed=r.subseed, subseed_strength=r.subseed_strength,
-                            seed_resize_from=tuple(r.seed_resize_from))
+                            seed_resize_from=tuple(r.seed_resize_from), extra={"Tiling": True} if r.tiling else {})
 
 
 def _pixels(r: GenerationRequest) -> torch.Tensor | None:
@@ -115,7 +116,9 @@ def _scoped(pipe, r: GenerationRequest):
     """Apply the request's pipeline-level settings; restore the previous ones afterwards."""
     saved = (pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk)
     applied = []
+    tiling = seamless(pipe.unet, pipe.vae, enabled=r.tiling)
     try:
+        tiling.__enter__()
         pipe.prompt_syntax = r.prompt_syntax
         pipe.deep_cache = (r.deep_cache, r.deep_cache_branch) if r.deep_cache > 1 else None
         pipe.tile_vae = r.tile_vae if r.tile_vae is not None else saved[2]
@@ -124,6 +127,7 @@ def _scoped(pipe, r: GenerationRequest):
             applied.append(pipe.loras.add(_network(pipe, _lora_path(pipe, name)), strength))
         yield
     finally:
+        tiling.__exit__(None, None, None)
         for a in applied:
             pipe.loras.remove(a)
         pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk = saved

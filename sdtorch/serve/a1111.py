@@ -161,7 +161,7 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         scheduler=scheduler, cfg_scale=req.cfg_scale, seed=seed % 2**32,
         width=width, height=height, batch_size=req.batch_size, eta=_eta(req, sampler),
         clip_skip=_clip_skip(opts.get("CLIP_stop_at_last_layers", 1)), seed_mode=seed_mode, subseed=subseed % 2**32,
-        subseed_strength=req.subseed_strength, seed_resize_from=_seed_resize(req, seed_mode))
+        subseed_strength=req.subseed_strength, seed_resize_from=_seed_resize(req, seed_mode), tiling=bool(req.tiling))
     finish = lambda im: im  # noqa: E731
     if isinstance(req, Img2Img):
         base, finish = _img2img(req, base)
@@ -218,8 +218,6 @@ def _refuse_unsupported(req: _Common) -> None:
     """Fields whose non-default values sdtorch does not implement (yet): refused, never ignored."""
     if req.restore_faces:
         _refuse("restore_faces", "no face restoration model is available")
-    if req.tiling:
-        _refuse("tiling", "seamless tiling is not supported yet")
     for name, neutral in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_tmax", 0.0), ("s_noise", 1.0), ("s_min_uncond", 0.0)):
         v = getattr(req, name)
         if v is not None and v != neutral:
