@@ -85,7 +85,10 @@ BAD = [
      {**SMALL, "override_settings": {"sd_model_checkpoint": "nope.safetensors"}}, 422, "nope.safetensors"),
     ("unknown override", "POST", "/sdapi/v1/txt2img", {**SMALL, "override_settings": {"sd_vae": "x"}}, 422, "sd_vae"),
     ("unknown LoRA", "POST", "/sdapi/v1/txt2img", {**SMALL, "prompt": "cat <lora:missing:0.5>"}, 422, "missing"),
-    ("hires fix", "POST", "/sdapi/v1/txt2img", {**SMALL, "enable_hr": True}, 422, "enable_hr"),
+    ("unknown hires upscaler", "POST", "/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_upscaler": "ESRGAN_4x"},
+     422, "ESRGAN_4x"),
+    ("hires above max pixels", "POST", "/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_scale": 9}, 422,
+     "--max-pixels"),
     ("variation strength above 1", "POST", "/sdapi/v1/txt2img", {**SMALL, "subseed_strength": 1.5}, 422,
      "subseed_strength"),
     ("styles without a styles file", "POST", "/sdapi/v1/txt2img", {**SMALL, "styles": ["cinematic"]}, 422,
@@ -157,6 +160,15 @@ def test_txt2img_response_shape(client):
     assert image.size == (64, 64) and image.info["parameters"] == info["infotexts"][0]
     r = client.post("/sdapi/v1/png-info", json={"image": body["images"][0]})
     assert r.json()["info"] == info["infotexts"][0] and r.json()["parameters"]["Seed"] == "7"
+
+
+def test_hires_fix(client):
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent",
+                                               "hr_second_pass_steps": 2, "denoising_strength": 0.5})
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert image.size == (128, 128)
+    assert "Hires upscale: 2.0, Hires steps: 2, Hires upscaler: Latent" in image.info["parameters"]
 
 
 def test_send_images_false_and_data_urls(client):

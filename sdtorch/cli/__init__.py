@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_options(gen)
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--hires", action="store_true", help="hires fix: generate, upscale, img2img again (A1111's)")
+    gen.add_argument("--hires-scale", type=float, default=2.0)
+    gen.add_argument("--hires-resize", metavar="WxH", default=None, help="final size instead of --hires-scale")
+    gen.add_argument("--hires-upscaler", default="Latent", help="Latent, Latent (nearest), ..., Lanczos, Nearest, None")
+    gen.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (default: --steps)")
+    gen.add_argument("--hires-strength", type=float, default=0.7, help="second-pass denoising strength")
     gen.add_argument("--process", metavar="FILE", help="also save the predicted clean image of every step: "
                      "a .gif animation or a .png strip")
 
@@ -283,7 +289,17 @@ def _request(args: argparse.Namespace, seed: int):
         deep_cache_branch=args.deep_cache_branch, tile_vae=args.tile_vae, attention_chunk=args.attention_chunk,
         seed_mode=args.seed_mode, subseed=-1 if args.subseed is None else args.subseed,
         subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
+        hires=_hires(args),
     ).validate()
+
+
+def _hires(args: argparse.Namespace):
+    if not getattr(args, "hires", False):
+        return None
+    from sdtorch.generate.hires import HiresFix
+
+    return HiresFix(scale=args.hires_scale, resize=_size(args.hires_resize), upscaler=args.hires_upscaler,
+                    steps=args.hires_steps, strength=args.hires_strength)
 
 
 def _size(text: str | None) -> tuple[int, int]:

@@ -84,6 +84,7 @@ class GenerationRequest:
     subseed_strength: float = 0.0  # 0: the seed's noise, 1: the subseed's
     seed_resize_from: tuple[int, int] = (0, 0)  # (w, h) > 0: the seed's noise drawn at that size (a1111 mode)
     tiling: bool = False  # seamless: circular padding in the UNet and VAE convolutions
+    hires: Any = None  # a `sdtorch.generate.hires.HiresFix`: txt2img, upscale, img2img (A1111's hires fix)
 
     @property
     def kind(self) -> str:
@@ -126,6 +127,10 @@ class GenerationRequest:
         self._validate_images()
         self._validate_adapters()
         self._validate_seeds()
+        if self.hires is not None:
+            if self.init_image is not None:
+                raise RequestError("hires", "hires fix is for txt2img (no init_image)")
+            self.hires.validate()
         return self
 
     def _validate_seeds(self) -> None:

@@ -11,7 +11,7 @@ at its next step with `Cancelled`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -31,6 +31,7 @@ class RunResult:
     images: list[Image.Image]  # each with .info["parameters"]
     request: GenerationRequest  # with the seed resolved
     stopped_at: int | None = None  # interrupted (`CancelToken.interrupt`) after this many steps
+    latents: torch.Tensor | None = field(default=None, repr=False)  # the final latents (sampler space)
 
     @property
     def infotexts(self) -> list[str]:
@@ -46,6 +47,8 @@ class RunResult:
 def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
         cancel: CancelToken | None = None, progress: bool = False) -> RunResult:
     request = request.validate(pipe.vae.downscale).resolved()
+    if request.hires is not None:
+        return _hires(pipe, request, on_step, cancel, progress)
     with pipe.lock, _scoped(pipe, request):
         pixels = _pixels(request)
         params = _params(pipe, request, pixels)
@@ -57,7 +60,55 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
             latents = _sample(pipe, request, params, pixels, callback, progress)
         except _Stop as stop:  # interrupted: the current denoised estimate is the result
             return RunResult(pipe._images(params, stop.latents), request, stopped_at=stop.step)
-        return RunResult(pipe._images(params, latents), request)
+        return RunResult(pipe._images(params, latents), request, latents=latents)
+
+
+def _shifted(on_step: OnStep | None, offset: int, total: int) -> OnStep | None:
+    if on_step is None:
+        return None
+    return lambda step, _, latents: on_step(offset + step, total, latents)
+
+
+def _hires(pipe, request: GenerationRequest, on_step, cancel, progress) -> RunResult:
+    """A1111's hires fix (sdtorch.generate.hires): first pass, upscale, second img2img pass."""
+    from sdtorch.generate import hires
+
+    fix, first = request.hires, replace(request, hires=None)
+    total, n1 = hires.total_steps(request), hires.first_pass_steps(first)
+    res = run(pipe, first, on_step=_shifted(on_step, 0, total), cancel=cancel, progress=progress)
+    if res.stopped_at is not None:
+        return replace(res, request=request)
+    size = fix.target(res.images[0].width, res.images[0].height)
+    second = replace(hires.second_pass(request, fix), width=size[2], height=size[3])
+    if fix.upscaler in hires.LATENT:
+        images = _latent_second_pass(pipe, second, hires.upscale_latents(res.latents, fix, size, pipe.vae.downscale),
+                                     _shifted(on_step, n1, total), cancel, progress)
+    else:
+        images, done = [], n1
+        for image, seed in zip(res.images, res.seeds):
+            r = replace(second, init_image=hires.upscale_image(image, fix, size), batch_size=1, seed=seed)
+            out = run(pipe, r, on_step=_shifted(on_step, done, total), cancel=cancel, progress=progress)
+            images += out.images
+            done += hires.first_pass_steps(r)
+    with pipe.lock, _scoped(pipe, first):  # A1111's infotext: the first pass's size and the hires fields
+        params = _params(pipe, first, None)
+        params.extra.update(hires.infotext_fields(fix, params.width, params.height))
+        for i, image in enumerate(images):
+            image.info["parameters"] = pipe.infotext(params, i)
+    return RunResult(images, request)
+
+
+def _latent_second_pass(pipe, second: GenerationRequest, latents: torch.Tensor, on_step, cancel, progress):
+    with pipe.lock, _scoped(pipe, second):
+        params = _params(pipe, second, None)
+        start = img2img_start(params.steps, second.strength)
+        callback = _callback(on_step, cancel, params.steps - start)
+        source, noise = pipe._noise(params, latents.shape)
+        try:
+            out = pipe._sample(params, source, noise, callback, progress, init=latents, start=start)
+        except _Stop as stop:  # interrupted: the state it reached
+            out = stop.latents
+        return pipe._images(params, out)
 
 
 def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress: bool) -> torch.Tensor:

@@ -10,7 +10,7 @@ that is not instruct-pix2pix) are ignored here the same way. Unknown fields are 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from PIL import Image
@@ -163,6 +163,12 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         clip_skip=_clip_skip(opts.get("CLIP_stop_at_last_layers", 1)), seed_mode=seed_mode, subseed=subseed % 2**32,
         subseed_strength=req.subseed_strength, seed_resize_from=_seed_resize(req, seed_mode), tiling=bool(req.tiling))
     finish = lambda im: im  # noqa: E731
+    if isinstance(req, Txt2Img) and req.enable_hr:
+        base = replace(base, hires=_hires(req))
+        _, _, hw, hh = base.hires.target(width, height)
+        if hw * hh * req.batch_size > limits.max_pixels:
+            _refuse("hr_scale", f"the hires size {hw}x{hh}x{req.batch_size} is above this server's --max-pixels "
+                                f"{limits.max_pixels}")
     if isinstance(req, Img2Img):
         base, finish = _img2img(req, base)
     try:
@@ -174,6 +180,21 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
     runs = [_replace_seed(base, i * req.batch_size) for i in range(req.n_iter)]
     parameters = {**req.model_dump(), "width": width, "height": height}
     return Plan(runs, finish, parameters, subseed)
+
+
+def _hires(req: Txt2Img):
+    from sdtorch.generate.hires import HiresFix
+
+    sampler = scheduler = ""
+    if req.hr_sampler_name or req.hr_scheduler:
+        try:
+            sampler, scheduler = samplers.from_a1111(req.hr_sampler_name or req.sampler_name or req.sampler_index,
+                                                     req.hr_scheduler or req.scheduler or "automatic")
+        except ValueError as e:
+            raise RequestError("hr_sampler_name", f"hr_sampler_name: {e}") from None
+    return HiresFix(scale=req.hr_scale, resize=(req.hr_resize_x, req.hr_resize_y), upscaler=req.hr_upscaler or "Latent",
+                    steps=req.hr_second_pass_steps, strength=0.7 if req.denoising_strength is None else req.denoising_strength,
+                    prompt=req.hr_prompt, negative_prompt=req.hr_negative_prompt, sampler=sampler, scheduler=scheduler)
 
 
 def _styled(req: _Common, styles: dict) -> tuple[str, str]:
@@ -227,7 +248,7 @@ def _refuse_unsupported(req: _Common) -> None:
     if req.refiner_checkpoint:
         _refuse("refiner_checkpoint", "refiners are not supported yet")
     if req.firstpass_image:
-        _refuse("firstpass_image", "a first-pass image needs hires fix, which is not supported yet")
+        _refuse("firstpass_image", "a given first-pass image is not supported")
     if req.script_name:
         _refuse("script_name", f"no script named {req.script_name!r} (this server has none)")
     if req.script_args:
@@ -235,10 +256,10 @@ def _refuse_unsupported(req: _Common) -> None:
     if req.alwayson_scripts:
         name = next(iter(req.alwayson_scripts))
         _refuse("alwayson_scripts", f"no always-on script named {name!r} (this server has none)")
-    if isinstance(req, Txt2Img) and req.enable_hr:
-        _refuse("enable_hr", "hires fix is not supported yet")
+    if isinstance(req, Txt2Img) and req.enable_hr and req.hr_checkpoint_name:
+        _refuse("hr_checkpoint_name", "a second checkpoint for the hires pass is not supported")
     if isinstance(req, Txt2Img) and (req.firstphase_width or req.firstphase_height):
-        _refuse("firstphase_width", "firstphase sizes belong to the old hires fix, which is not supported")
+        _refuse("firstphase_width", "firstphase sizes belong to the old hires fix; use hr_scale / hr_resize_x")
 
 
 def _overrides(req: _Common) -> dict:

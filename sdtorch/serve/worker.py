@@ -228,11 +228,9 @@ class Worker:
 
 
 def _steps(request) -> int:
-    from sdtorch.generate.images import img2img_start
+    from sdtorch.generate.hires import total_steps
 
-    if request.init_image is None:
-        return request.steps
-    return request.steps - img2img_start(request.steps, request.strength)
+    return total_steps(request)
 
 
 def _info(job: Job, req, plan: a1111.Plan, pipe, models: Models, runs, infotexts: list[str], seeds: list[int],
