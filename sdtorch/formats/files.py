@@ -95,12 +95,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return sd, {str(k): str(v) for k, v in meta.items()}
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def sha256(path: str | Path) -> str:
-    """The file's SHA-256 (hex), read in 16 MiB blocks. AUTOMATIC1111's short model hash is its
-    first 10 digits."""
+    """The file's SHA-256 (hex), read in 16 MiB blocks and remembered by path, size and
+    modification time. AUTOMATIC1111's short model hash is its first 10 digits."""
     import hashlib
 
-    h = hashlib.sha256()
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = _sha256(path, hashlib.sha256())
+    return _HASHES[key]
+
+
+def _sha256(path, h) -> str:
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
             h.update(block)

@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from sdtorch.formats.files import sha256
 from sdtorch.sampling import samplers
 
 
@@ -50,6 +51,10 @@ def infotext(pipe, p, index: int = 0) -> str:
     loras = [a.network for a in pipe.loras.applied]
     if loras:
         fields["Lora hashes"] = _quote(", ".join(f"{n.name}: {n.shorthash}" for n in loras))
+    used = [w for w in pipe.embedding_files if re.search(rf"(?<![\w]){re.escape(w)}(?![\w])",
+                                                        f"{p.prompt}\n{p.negative_prompt}")]
+    if used:
+        fields["TI hashes"] = _quote(", ".join(f"{w}: {sha256(pipe.embedding_files[w])[:12]}" for w in used))
     if pipe.deep_cache is not None:  # it changes the image: say so
         fields["DeepCache"] = f"interval {pipe.deep_cache[0]} branch {pipe.deep_cache[1]}"
     if pipe.dtype != torch.float32:

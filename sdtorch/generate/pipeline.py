@@ -63,6 +63,7 @@ class Pipeline:
         self._hash: str | None = None
         self.prompt_syntax = "a1111"  # or "plain": the reference's tokens, truncated to 77
         self.embeddings: dict[str, torch.Tensor] = {}  # textual inversion: trigger word -> (n, width)
+        self.embedding_files: dict[str, Path] = {}  # trigger word -> its file (for "TI hashes")
         # lora_loader([(name, multiplier)]) makes exactly those LoRAs active; None: no LoRA directory
         self.lora_loader: Callable[[list[tuple[str, float]]], None] | None = None
         self.loras = lora.LoRAStack(unet, clip)  # LoRAs applied now, in order (`load_lora`)
@@ -146,8 +147,10 @@ class Pipeline:
     def load_embeddings(self, path: str | Path) -> list[str]:
         """Add textual-inversion embeddings from a file or a folder (file stem = trigger word);
         returns the trigger words added. Folder files of another model family are skipped."""
-        found = load_embeddings(path, width=self.config.clip.width)
+        found, path = load_embeddings(path, width=self.config.clip.width), Path(path)
         self.embeddings.update(found)
+        for word in found:
+            self.embedding_files[word] = path if path.is_file() else min(f for f in path.rglob(f"{word}.*") if f.is_file())
         return list(found)
 
     def conditioning(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
