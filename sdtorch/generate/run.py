@@ -71,7 +71,7 @@ def _shifted(on_step: OnStep | None, offset: int, total: int) -> OnStep | None:
 
 def _hires(pipe, request: GenerationRequest, on_step, cancel, progress) -> RunResult:
     """A1111's hires fix (sdtorch.generate.hires): first pass, upscale, second img2img pass."""
-    from sdtorch.generate import hires
+    import sdtorch.generate.hires as hires
 
     fix, first = request.hires, replace(request, hires=None)
     total, n1 = hires.total_steps(request), hires.first_pass_steps(first)
