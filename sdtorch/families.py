@@ -31,11 +31,15 @@ class Family:
     clip_skip: int  # A1111's default: 1 = last layer, 2 = penultimate
     latent_scale: float  # VAE latent scaling factor
     kohya_base: str  # kohya's `ss_base_model_version` of LoRAs trained on it
+    text_act: str  # the text encoder's MLP activation
+    pad_token_id: int  # what its tokenizer pads with
+    v_hint: str | None  # a UNet key whose spread tells v- from eps-prediction files (ComfyUI's rule), if any
 
 
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "SD 1.x", "hf", PREFIXES["clip"], 768, 1, 0.18215, "sd_v1"),
-    "sd2": Family("sd2", "SD 2.x", "openclip", PREFIXES["openclip"], 1024, 2, 0.18215, "sd_v2"),
+    "sd1": Family("sd1", "SD 1.x", "hf", PREFIXES["clip"], 768, 1, 0.18215, "sd_v1", "quick_gelu", 49407, None),
+    "sd2": Family("sd2", "SD 2.x", "openclip", PREFIXES["openclip"], 1024, 2, 0.18215, "sd_v2", "gelu", 0,
+                  "output_blocks.11.1.transformer_blocks.0.norm1.bias"),
 }
 
 # UNet input channels -> the image conditioning the UNet takes beside its latents.
@@ -45,7 +49,11 @@ CONCAT: dict[int, str] = {4: "", 9: "inpainting"}  # 9 = latents + mask + masked
 def family_of(cfg: ModelConfig) -> Family:
     """The family whose text-encoder layout a config has (small and custom models included:
     the layout decides how files are read and written)."""
-    return next(f for f in FAMILIES.values() if f.text_layout == cfg.clip_layout)
+    return family_by_layout(cfg.clip_layout)
+
+
+def family_by_layout(layout: str) -> Family:
+    return next(f for f in FAMILIES.values() if f.text_layout == layout)
 
 
 def concat_kind(cfg: ModelConfig) -> str:

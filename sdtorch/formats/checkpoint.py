@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sdtorch.config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
-from sdtorch.families import PREFIXES
+from sdtorch.families import FAMILIES, PREFIXES, concat_kind, family_by_layout, family_of
 from sdtorch.formats import diffusers as convert
 from sdtorch.formats.atomic import save_safetensors
 from sdtorch.formats.files import SUFFIXES, CheckpointError, read_state_dict  # noqa: F401  (re-exported)
@@ -65,11 +65,11 @@ def split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, str]:
     for name in ("unet", "vae"):
         if not parts[name]:
             raise CheckpointError(f"no {name.upper()} weights (keys starting {PREFIXES[name]!r}) in the file")
-    if parts["openclip"]:
-        return parts["unet"], parts["vae"], convert.openclip_to_hf(parts["openclip"]), "openclip"
-    if not parts["clip"]:
-        raise CheckpointError("no text-encoder weights (cond_stage_model.*) in the file")
-    return parts["unet"], parts["vae"], parts["clip"], "hf"
+    for family in FAMILIES.values():  # the family whose text-encoder prefix the file uses
+        text = parts[next(n for n, p in PREFIXES.items() if p == family.text_prefix)]
+        if text:
+            return parts["unet"], parts["vae"], convert.TEXT_LAYOUTS[family.text_layout][0](text), family.text_layout
+    raise CheckpointError("no text-encoder weights (cond_stage_model.*) in the file")
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -134,7 +134,7 @@ def detect_vae(sd: dict[str, torch.Tensor]) -> VAEConfig:
 def detect_clip(sd: dict[str, torch.Tensor], layout: str) -> ClipConfig:
     tok = sd["text_model.embeddings.token_embedding.weight"]
     width = tok.shape[1]
-    openclip = layout == "openclip"
+    family = family_by_layout(layout)
     return ClipConfig(
         vocab_size=tok.shape[0],
         max_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
@@ -142,24 +142,25 @@ def detect_clip(sd: dict[str, torch.Tensor], layout: str) -> ClipConfig:
         layers=len(_indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
         heads=width // 64,
         mlp_ratio=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0] // width,
-        act="gelu" if openclip else "quick_gelu",
-        pad_token_id=0 if openclip else 49407,
-        clip_skip=2 if openclip else 1,
+        act=family.text_act,
+        pad_token_id=family.pad_token_id,
+        clip_skip=family.clip_skip,
     )
 
 
 def guess_prediction(unet_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[Prediction, str]:
     """Keys cannot tell eps from v; guess as ComfyUI does for SD2 (v-models' last transformer
     norm bias has a wide spread) and assume eps otherwise."""
-    if cfg.clip_layout != "openclip":
-        return "eps", "guessed: eps (SD 1.x)"
-    key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-    if key in unet_sd and cfg.unet.in_channels == 4:
+    family = family_of(cfg)
+    key = family.v_hint
+    if key is None:
+        return "eps", f"guessed: eps ({family.label})"
+    if key in unet_sd and not concat_kind(cfg):
         spread = unet_sd[key].float().std(unbiased=False).item()
         if spread > 0.09:
-            return "v", f"guessed: v (SD 2.x, std of {key} = {spread:.3f} > 0.09)"
-        return "eps", f"guessed: eps (SD 2.x, std of {key} = {spread:.3f} <= 0.09)"
-    return "eps", "guessed: eps (SD 2.x, no hint)"
+            return "v", f"guessed: v ({family.label}, std of {key} = {spread:.3f} > 0.09)"
+        return "eps", f"guessed: eps ({family.label}, std of {key} = {spread:.3f} <= 0.09)"
+    return "eps", f"guessed: eps ({family.label}, no hint)"
 
 
 def read(
@@ -171,13 +172,13 @@ def read(
     """Read a single file or a diffusers folder and work out what model it holds."""
     path = Path(path)
     source = "given config" if config is not None else ""
-    if path.is_dir():
-        sd, folder_cfg = convert.diffusers_folder_to_original(path)
-        meta, source = {}, source or "diffusers config"
+    if path.is_dir():  # already in sdtorch's names: no detour through the single-file layout
+        unet, vae, clip, folder_cfg = convert.read_diffusers_folder(path)
+        sd, meta, source, layout = {}, {}, source or "diffusers config", folder_cfg.clip_layout
         config = config or folder_cfg
     else:
         sd, meta = read_state_dict(path)
-    unet, vae, clip, layout = split(sd)
+        unet, vae, clip, layout = split(sd)
     if config is None and CONFIG_KEY in meta:
         config, source = ModelConfig.from_dict(json.loads(meta[CONFIG_KEY])), "metadata"
     if config is None:
@@ -240,13 +241,7 @@ def _linear_as_1x1(given: torch.Size, expected: torch.Size) -> bool:
 
 def original_state_dict(unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig) -> dict:
     """The models' weights under the original single-file keys."""
-    sd = {PREFIXES["unet"] + k: v for k, v in unet.state_dict().items()}
-    sd.update({PREFIXES["vae"] + k: v for k, v in vae.state_dict().items()})
-    if cfg.clip_layout == "openclip":
-        sd.update({PREFIXES["openclip"] + k: v for k, v in convert.hf_to_openclip(clip.state_dict()).items()})
-    else:
-        sd.update({PREFIXES["clip"] + k: v for k, v in clip.state_dict().items()})
-    return sd
+    return convert.original_keys(unet.state_dict(), vae.state_dict(), clip.state_dict(), cfg)
 
 
 def save(path: str | Path, unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig, dtype=None) -> Path:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sdtorch.config import ModelConfig, UNetConfig, VAEConfig
+from sdtorch.families import PREFIXES, family_of
 from sdtorch.formats.diffusers_config import config_from_diffusers
 from sdtorch.formats.files import read_state_dict
 
@@ -271,14 +272,11 @@ def _pad_token(tokenizer: Path) -> str | None:
     return None
 
 
-def diffusers_folder_to_original(folder: str | Path) -> tuple[StateDict, ModelConfig]:
-    """Read a diffusers Stable Diffusion folder into one original-layout state dict.
-
-    Returns keys with their prefixes (`model.diffusion_model.`, `first_stage_model.`, and
-    `cond_stage_model.transformer.` or, for OpenCLIP models, `cond_stage_model.model.`) and the
-    ModelConfig. The text encoder has the folder's layers only (see `diffusers_configs`);
-    `position_ids` buffers that older text-encoder files carry are dropped.
-    """
+def read_diffusers_folder(folder: str | Path) -> tuple[StateDict, StateDict, StateDict, ModelConfig]:
+    """A diffusers Stable Diffusion folder -> (unet, vae, text encoder) state dicts in sdtorch's
+    naming (the text encoder stays in Hugging Face's names, which sdtorch's are) and the ModelConfig.
+    The text encoder has the folder's layers only (see `diffusers_configs`); `position_ids`
+    buffers that older text-encoder files carry are dropped."""
     folder = Path(folder)
     _read_json(folder / "model_index.json")
     configs = [_read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")]
@@ -291,10 +289,25 @@ def diffusers_folder_to_original(folder: str | Path) -> tuple[StateDict, ModelCo
     # transformers >= 5.6 saves CLIPTextModel without the `text_model.` level; older files have it
     text = {k.removeprefix("text_model."): v for k, v in _load_weights(folder / "text_encoder").items()}
     text = {f"text_model.{k}": v for k, v in text.items() if not k.endswith("position_ids")}
-    if cfg.clip_layout == "openclip":
-        text = {f"cond_stage_model.model.{k}": v for k, v in hf_to_openclip(text).items()}
-    else:
-        text = {f"cond_stage_model.transformer.{k}": v for k, v in text.items()}
-    sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
-    sd |= {f"first_stage_model.{k}": v for k, v in vae.items()}
-    return sd | text, cfg
+    return unet, vae, text, cfg
+
+
+# A family's text layout -> (file names -> Hugging Face names, Hugging Face names -> file names).
+TEXT_LAYOUTS = {"hf": (lambda sd: sd, lambda sd: sd), "openclip": (lambda sd: openclip_to_hf(sd), lambda sd: hf_to_openclip(sd))}
+
+
+def original_keys(unet: StateDict, vae: StateDict, text: StateDict, cfg: ModelConfig) -> StateDict:
+    """sdtorch-named state dicts -> one original-layout single-file state dict (the family's
+    prefixes and text-encoder layout)."""
+    family = family_of(cfg)
+    sd = {PREFIXES["unet"] + k: v for k, v in unet.items()}
+    sd |= {PREFIXES["vae"] + k: v for k, v in vae.items()}
+    return sd | {family.text_prefix + k: v for k, v in TEXT_LAYOUTS[family.text_layout][1](text).items()}
+
+
+def diffusers_folder_to_original(folder: str | Path) -> tuple[StateDict, ModelConfig]:
+    """A diffusers Stable Diffusion folder as one original-layout state dict (keys with their
+    prefixes: `model.diffusion_model.`, `first_stage_model.`, and `cond_stage_model.transformer.`
+    or, for OpenCLIP models, `cond_stage_model.model.`) and its ModelConfig."""
+    unet, vae, text, cfg = read_diffusers_folder(folder)
+    return original_keys(unet, vae, text, cfg), cfg

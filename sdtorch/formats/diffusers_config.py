@@ -7,6 +7,7 @@ tests (`diffusers_configs`). Pure functions on dicts and dataclasses.
 from __future__ import annotations
 
 from sdtorch.config import ClipConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
+from sdtorch.families import FAMILIES
 
 # Configs: sdtorch field -> diffusers / transformers config key, for the fields that map 1:1.
 # A key missing from a config dict takes the sdtorch default, which is also the diffusers default.
@@ -128,7 +129,7 @@ def config_from_diffusers(
         vae=vae,
         schedule=ScheduleConfig(**schedule),
         prediction=prediction,
-        clip_layout="openclip" if clip.act == "gelu" else "hf",
+        clip_layout=next((f.text_layout for f in FAMILIES.values() if f.text_act == clip.act), "hf"),
         sample_size=unet_cfg["sample_size"] * 2 ** (len(vae.ch_mult) - 1),
     )
 
