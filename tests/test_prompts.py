@@ -21,6 +21,7 @@ from sdtorch.conditioning.prompts import (
 )
 from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import TINY
+from sdtorch.generate.guidance import text_conditions
 from sdtorch.generate.pipeline import GenerationParams, Pipeline
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
@@ -207,12 +208,18 @@ def test_emphasis_scales_its_tokens_then_restores_the_mean(pipe):
     assert torch.allclose(ratio[5], ratio[0] * 0.5, rtol=1e-4)
 
 
+def pair(pipe, params):
+    """The (cond, uncond) text states a run of `params` conditions on."""
+    text = text_conditions(pipe, params, None)
+    return text.cond.crossattn, text.uncond.crossattn
+
+
 def test_rows_and_cond_uncond_padded_with_empty_chunks(pipe):
     long = " ".join(["a very long prompt that goes on"] * 20)
     empty = pipe.encode_prompt([""])
     z = pipe.encode_prompt(["a cat", long])
     assert z.shape == (2, 154, 32) and torch.allclose(z[0, 77:], empty[0], atol=1e-6)
-    cond, uncond = pipe.conditioning(GenerationParams(long, "blurry", batch_size=2))
+    cond, uncond = pair(pipe, GenerationParams(long, "blurry", batch_size=2))
     assert cond.shape == uncond.shape == (2, 154, 32)
     assert torch.equal(uncond[:, :77], pipe.encode_prompt(["blurry"] * 2))
     assert torch.equal(uncond[:, 77:], empty.expand(2, -1, -1))
@@ -229,12 +236,12 @@ def test_long_prompt_generates(pipe):
 
 def test_lora_tags(pipe):
     with pytest.raises(ValueError, match="prompt names LoRA 'film' but no LoRA directory was given"):
-        pipe.conditioning(GenerationParams("a cat <lora:film:0.5>"))
+        pair(pipe, GenerationParams("a cat <lora:film:0.5>"))
     seen = []
     pipe.lora_loader = seen.append
     try:
-        cond, _ = pipe.conditioning(GenerationParams("a cat <lora:film:0.5>"))
-        pipe.conditioning(GenerationParams("a cat"))
+        cond, _ = pair(pipe, GenerationParams("a cat <lora:film:0.5>"))
+        pair(pipe, GenerationParams("a cat"))
     finally:
         pipe.lora_loader = None
     assert seen == [[("film", 0.5)], []]  # every generation says which LoRAs are active

@@ -183,3 +183,35 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
     return parts
 
 
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A request's prompt and negative prompt read once: the LoRA tags taken out, the AND parts
+    with their weights, and each part's (and the negative prompt's) schedule of texts."""
+
+    loras: tuple[tuple[str, float], ...]
+    parts: tuple[tuple[float, tuple[tuple[int, str], ...]], ...]
+    negative: tuple[tuple[int, str], ...]
+
+    @property
+    def plain(self) -> bool:
+        """One condition and one negative condition for every step (no AND, no schedule)."""
+        return len(self.parts) == 1 and self.parts[0][0] == 1.0 and len(self.parts[0][1]) == 1 and len(self.negative) == 1
+
+    @property
+    def texts(self) -> list[str]:
+        """Every distinct text to encode, in order of appearance."""
+        return list(dict.fromkeys([t for _, s in self.parts for _, t in s] + [t for _, t in self.negative]))
+
+
+def parse_prompt(prompt: str, negative: str, steps: int) -> ParsedPrompt:
+    """A1111's order: extra networks (`<lora:...>`) out first, then AND, then the schedules. The
+    negative prompt's LoRA tags are removed and ignored."""
+    from sdtorch.conditioning.prompts import extract_loras
+
+    text, loras = extract_loras(prompt)
+    parts = tuple((w, tuple(prompt_schedule(t, steps))) for t, w in split_and(text))
+    if len(parts) == 1 and parts[0][0] == 1.0 and len(parts[0][1]) == 1:
+        parts = ((1.0, ((steps, text),)),)  # exactly the text (AND's split strips its ends)
+    return ParsedPrompt(tuple(loras), parts, tuple(prompt_schedule(extract_loras(negative)[0], steps)))

@@ -1,31 +1,52 @@
-"""A1111 prompt schedules and AND in a run: each distinct text of the prompt's and the negative
-prompt's schedules encoded once, as `Condition` schedules for `ScheduledCFG`. A prompt without
-either keeps the plain two-condition guidance (`CFGDenoiser`)."""
+"""What conditions a run's denoiser, from its prompt read once (`parse_prompt`): the prompt's
+LoRA tags handed to the pipeline's LoRA loader, each distinct text of the prompt's and the
+negative prompt's schedules encoded once, and the result as `Condition`s: one cond / uncond pair
+for a plain prompt (`CFGDenoiser`), or schedules of them for A1111's prompt editing, alternation
+and AND (`ScheduledCFG`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from sdtorch.conditioning.prompts import pad_all
-from sdtorch.conditioning.schedule import prompt_schedule, split_and
+from sdtorch.conditioning.schedule import ParsedPrompt, parse_prompt
 from sdtorch.models.condition import Condition
 from sdtorch.sampling.denoisers import Schedule
 
 
-def scheduled_conditions(pipe, params, concat: torch.Tensor | None) -> tuple[list[tuple[float, Schedule]], Schedule] | None:
-    """(parts [(weight, schedule)], negative schedule), or None for a prompt with one condition."""
-    if pipe.prompt_syntax != "a1111":
-        return None
-    parts = [(w, prompt_schedule(text, params.steps)) for text, w in split_and(params.prompt)]
-    negative = prompt_schedule(params.negative_prompt, params.steps)
-    if len(parts) == 1 and parts[0][0] == 1.0 and len(parts[0][1]) == 1 and len(negative) == 1:
-        return None
-    texts = list(dict.fromkeys([t for _, s in parts for _, t in s] + [t for _, t in negative]))
-    states = [pipe.encode_prompt([t] * params.batch_size, params.clip_skip) for t in texts]
-    states = pad_all(states, pipe.encode_prompt([""], params.clip_skip))
-    encoded = {t: Condition(s, concat=concat) for t, s in zip(texts, states)}
+@dataclass
+class TextConditions:
+    cond: Condition | None  # None when `scheduled` replaces the pair
+    uncond: Condition | None
+    scheduled: tuple[list[tuple[float, Schedule]], Schedule] | None = None  # (parts, negative schedule)
 
-    def conditions(schedule: list[tuple[int, str]]) -> Schedule:
+
+def text_conditions(pipe, params, concat: torch.Tensor | None) -> TextConditions:
+    b, skip = params.batch_size, params.clip_skip
+    if pipe.prompt_syntax != "a1111":  # the reference's encoding: no syntax at all
+        cond, uncond = (pipe.encode_prompt([t] * b, skip) for t in (params.prompt, params.negative_prompt))
+        return TextConditions(Condition(cond, concat=concat), Condition(uncond, concat=concat))
+    parsed = parse_prompt(params.prompt, params.negative_prompt, params.steps)
+    _apply_loras(pipe, parsed)
+    texts = parsed.texts
+    states = [pipe.encode_prompt([t] * b, skip, tags_removed=True) for t in texts]
+    if len(states) > 1:  # one UNet batch: pad to the longest with encodings of the empty prompt (A1111)
+        states = pad_all(states, pipe.encode_prompt([""], skip))
+    encoded = {t: Condition(s, concat=concat) for t, s in zip(texts, states)}
+    if parsed.plain:
+        return TextConditions(encoded[parsed.parts[0][1][0][1]], encoded[parsed.negative[0][1]])
+
+    def conditions(schedule) -> Schedule:
         return [(end, encoded[t]) for end, t in schedule]
 
-    return [(w, conditions(s)) for w, s in parts], conditions(negative)
+    return TextConditions(None, None, ([(w, conditions(s)) for w, s in parsed.parts], conditions(parsed.negative)))
+
+
+def _apply_loras(pipe, parsed: ParsedPrompt) -> None:
+    """As A1111, only the prompt's tags apply; the loader makes exactly those active."""
+    if pipe.lora_loader is not None:
+        pipe.lora_loader(list(parsed.loras))
+    elif parsed.loras:
+        raise ValueError(f"prompt names LoRA {parsed.loras[0][0]!r} but no LoRA directory was given")

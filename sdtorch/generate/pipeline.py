@@ -27,19 +27,17 @@ from sdtorch.conditioning.prompts import (
     embedding_lookup,
     encode_chunks,
     extract_loras,
-    pad_to_same_length,
     tokenize_prompt,
 )
 from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ModelConfig
 from sdtorch.families import concat_kind
 from sdtorch.formats.files import sha256
-from sdtorch.generate.guidance import scheduled_conditions
+from sdtorch.generate.guidance import text_conditions
 from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
 from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
 from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
 from sdtorch.models.clip import ClipTextModel
-from sdtorch.models.condition import Condition
 from sdtorch.models.unet import CrossAttention, UNetModel
 from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling import samplers
@@ -115,7 +113,7 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], clip_skip: int | None = None, *,
-                      syntax: str | None = None) -> torch.Tensor:
+                      syntax: str | None = None, tags_removed: bool = False) -> torch.Tensor:
         """prompts -> text states (B, 77·k, width) that condition the UNet.
 
         syntax (default `self.prompt_syntax`): "a1111" reads AUTOMATIC1111's emphasis, BREAK,
@@ -123,6 +121,7 @@ class Pipeline:
         `sdtorch.conditioning.prompts`; `<lora:...>` tags are dropped here, `generate` applies them); "plain"
         is the reference's encoding, truncated to 77 tokens (k = 1). A prompt of at most 75
         tokens without special syntax gives the same states either way, bit for bit.
+        tags_removed: the prompts' LoRA tags are already out (`parse_prompt`).
         """
         syntax = syntax or self.prompt_syntax
         pad = self.config.clip.pad_token_id
@@ -135,14 +134,15 @@ class Pipeline:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a str or a list of str, got {prompts!r}")
         empty = tokenize_prompt("", self.tokenizer, pad_id=pad)[0]
-        return encode_chunks(self.clip, [self.prompt_chunks(p) for p in prompts], empty, clip_skip)
+        return encode_chunks(self.clip, [self.prompt_chunks(p, tags_removed) for p in prompts], empty, clip_skip)
 
-    def prompt_chunks(self, prompt: str) -> list[Chunk]:
+    def prompt_chunks(self, prompt: str, tags_removed: bool = False) -> list[Chunk]:
         """A prompt in a1111 syntax as the chunks of 77 tokens `encode_prompt` encodes (LoRA tags
         removed; textual-inversion slots carry their vectors)."""
         pad = self.config.clip.pad_token_id
         lookup = embedding_lookup(self.embeddings, self.tokenizer, pad)
-        return tokenize_prompt(extract_loras(prompt)[0], self.tokenizer, pad_id=pad, lookup=lookup)
+        text = prompt if tags_removed else extract_loras(prompt)[0]
+        return tokenize_prompt(text, self.tokenizer, pad_id=pad, lookup=lookup)
 
     def load_embeddings(self, path: str | Path) -> list[str]:
         """Add textual-inversion embeddings from a file or a folder (file stem = trigger word);
@@ -152,24 +152,6 @@ class Pipeline:
         for word in found:
             self.embedding_files[word] = path if path.is_file() else min(f for f in path.rglob(f"{word}.*") if f.is_file())
         return list(found)
-
-    def conditioning(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond), each (B, 77·k, width) with the same k, after handing the prompt's
-        LoRA tags to `lora_loader` (a1111 syntax; as A1111, only the prompt's tags apply)."""
-        self.prompt_loras(params)
-        cond = self.encode_prompt([params.prompt] * params.batch_size, params.clip_skip)
-        uncond = self.encode_prompt([params.negative_prompt] * params.batch_size, params.clip_skip)
-        if cond.shape[1] != uncond.shape[1]:
-            cond, uncond = pad_to_same_length(cond, uncond, self.encode_prompt([""], params.clip_skip))
-        return cond, uncond
-
-    def prompt_loras(self, params: GenerationParams) -> None:
-        if self.prompt_syntax == "a1111":
-            loras = extract_loras(params.prompt)[1]
-            if self.lora_loader is not None:
-                self.lora_loader(loras)
-            elif loras:
-                raise ValueError(f"prompt names LoRA {loras[0][0]!r} but no LoRA directory was given")
 
     def denoiser(self, cfg_scale: float, quantize: bool = False, scheduled=None) -> CFGDenoiser | ScheduledCFG:
         """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32, where cond and
@@ -189,20 +171,15 @@ class Pipeline:
                 callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
                 start: int = 0, concat: torch.Tensor | None = None, blend: tuple | None = None) -> torch.Tensor:
         """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets)."""
-        scheduled = scheduled_conditions(self, params, concat)  # None: one condition for every step
-        if scheduled is None:
-            cond, uncond = (Condition(c, concat=concat) for c in self.conditioning(params))
-        else:
-            self.prompt_loras(params)
-            cond = uncond = None
+        text = text_conditions(self, params, concat)  # the prompt read once, its LoRAs applied
 
         def make_model(quantize: bool):
-            model = self.denoiser(params.cfg_scale, quantize, scheduled)
+            model = self.denoiser(params.cfg_scale, quantize, text.scheduled)
             return MaskBlend(model, *blend) if blend else model
 
         return samplers.sample(
             params.sampler, make_model, noise.to(self.device), params.steps, self.config.schedule,
-            extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator,
+            extra_args={"cond": text.cond, "uncond": text.uncond}, callback=callback, generator=generator,
             eta=params.eta, disable=not progress, prediction=self.config.prediction, init=init, start=start,
             scheduler=params.scheduler,
         )
