@@ -8,7 +8,6 @@ per-step noise draw of the ancestral samplers, in that order.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ from sdtorch.config import ModelConfig
 from sdtorch.families import concat_kind
 from sdtorch.formats.files import sha256
 from sdtorch.generate.guidance import text_conditions
-from sdtorch.generate.images import ImageLike, extend_canvas, image_tensor, img2img_start, mask_tensor, open_image
+from sdtorch.generate.images import ImageLike, extend_canvas, img2img_start, open_image
 from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
 from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
 from sdtorch.models.clip import ClipTextModel
@@ -78,11 +77,11 @@ class Pipeline:
         # and restored after it; this lock makes those scoped patches safe across threads.
         self.lock = threading.RLock()
 
-    def run(self, request, on_step=None, cancel=None, *, progress: bool = False):
+    def run(self, request, on_step=None, cancel=None, *, progress: bool = False, callback=None):
         """A `GenerationRequest` (txt2img, img2img, inpainting) -> `RunResult`; see `sdtorch.generate.run`."""
         from sdtorch.generate.run import run
 
-        return run(self, request, on_step=on_step, cancel=cancel, progress=progress)
+        return run(self, request, on_step=on_step, cancel=cancel, progress=progress, callback=callback)
 
     def compile(self) -> None:
         """Run the UNet through torch.compile (inductor) in the denoising loop. The first call
@@ -272,39 +271,27 @@ class Pipeline:
                  width: int | None = None, height: int | None = None, batch_size: int = 1,
                  eta: float = 0.0, clip_skip: int | None = None, callback: Callable | None = None,
                  progress: bool = True) -> list[Image.Image]:
-        """Generate `batch_size` images; each carries its parameters in `image.info["parameters"]`.
-
-        callback(dict) is called after every sampler step with the current `x`, the predicted
-        clean latents `denoised`, the step index `i` and `sigma` (use it for previews).
-        """
-        size = self.config.sample_size
-        params = GenerationParams(
-            prompt, negative_prompt, steps, sampler, cfg_scale,
-            random.randrange(2**32) if seed is None else seed,
-            width or size, height or size, batch_size, eta, clip_skip,
-        )
-        return self._images(params, self.generate_latents(params, callback, progress))
+        """Keyword shortcut for `run`: generate `batch_size` images, each with its parameters in
+        `image.info["parameters"]`, with the pipeline's current settings (prompt syntax, DeepCache,
+        VAE options). callback(dict) gets the sampler's step dict (`x`, `denoised`, `i`, `sigma`)."""
+        request = self._request(prompt, negative_prompt, dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                                seed=seed, width=width, height=height, batch_size=batch_size, eta=eta, clip_skip=clip_skip))
+        return self.run(request, callback=callback, progress=progress).images
 
     def img2img(self, image: ImageLike, prompt: str, negative_prompt: str = "", *, strength: float = 0.75,
                 callback: Callable | None = None, progress: bool = True, **options) -> list[Image.Image]:
         """Transform `image` (PIL, path, or (1, 3, H, W) in [-1, 1]) guided by the prompt. strength
         in [0, 1]: 0 returns the image (through the VAE), 1 ignores it. `options` as `generate`."""
-        pixels = self._pixels(image, options)
-        params = self._params(prompt, negative_prompt, pixels, {"Denoising strength": strength}, options)
-        return self._images(params, self.img2img_latents(pixels, params, strength, callback, progress))
+        request = self._request(prompt, negative_prompt, options, init_image=_image(image), strength=strength)
+        return self.run(request, callback=callback, progress=progress).images
 
     def inpaint(self, image: ImageLike, mask: ImageLike, prompt: str, negative_prompt: str = "", *,
                 strength: float = 1.0, callback: Callable | None = None, progress: bool = True,
                 **options) -> list[Image.Image]:
         """Repaint the white part of `mask` (same size as the image). `options` as `generate`."""
-        if not isinstance(image, torch.Tensor) and not isinstance(mask, torch.Tensor):
-            size, mask_size = open_image(image).size, open_image(mask, "L").size
-            if size != mask_size:
-                raise ValueError(f"mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}")
-        pixels = self._pixels(image, options)
-        m = mask_tensor(mask, pixels.shape[-1], pixels.shape[-2])
-        params = self._params(prompt, negative_prompt, pixels, {"Denoising strength": strength}, options)
-        return self._images(params, self.inpaint_latents(pixels, m, params, strength, callback, progress))
+        request = self._request(prompt, negative_prompt, options, init_image=_image(image), mask=_image(mask, "L"),
+                                strength=strength)
+        return self.run(request, callback=callback, progress=progress).images
 
     def outpaint(self, image: ImageLike, prompt: str, negative_prompt: str = "", *, left: int = 0,
                  right: int = 0, top: int = 0, bottom: int = 0, **options) -> list[Image.Image]:
@@ -312,21 +299,20 @@ class Pipeline:
         canvas, mask = extend_canvas(image, left=left, right=right, top=top, bottom=bottom)
         return self.inpaint(canvas, mask, prompt, negative_prompt, **options)
 
-    def _pixels(self, image: ImageLike, options: dict) -> torch.Tensor:
-        """The input picture at the requested size, or its own size rounded down to a multiple of 8."""
-        if isinstance(image, torch.Tensor):
-            return image_tensor(image)
-        w, h = open_image(image).size
-        return image_tensor(image, options.pop("width", None) or w - w % 8, options.pop("height", None) or h - h % 8)
+    def _request(self, prompt: str, negative: str, options: dict, **fields):
+        """A `GenerationRequest` from keyword options and the pipeline's current settings."""
+        from sdtorch.generate.request import GenerationRequest
 
-    def _params(self, prompt: str, negative: str, pixels: torch.Tensor, extra: dict, options: dict) -> GenerationParams:
-        unknown = set(options) - {"steps", "sampler", "cfg_scale", "seed", "batch_size", "eta", "clip_skip"}
+        unknown = set(options) - {"steps", "sampler", "cfg_scale", "seed", "batch_size", "eta", "clip_skip",
+                                  "width", "height"}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        seed = options.pop("seed", None)
-        seed = random.randrange(2**32) if seed is None else seed
-        return GenerationParams(prompt, negative, width=pixels.shape[-1], height=pixels.shape[-2],
-                                seed=seed, extra=extra, **options)
+        options = {k: v for k, v in options.items() if v is not None or k in ("width", "height", "clip_skip")}
+        options["seed"] = options.get("seed", -1)
+        cache = self.deep_cache or (0, 0)
+        return GenerationRequest(prompt, negative, scheduler="automatic", prompt_syntax=self.prompt_syntax,
+                                 deep_cache=cache[0], deep_cache_branch=cache[1], tile_vae=self.tile_vae,
+                                 attention_chunk=self.attention_chunk, **options, **fields)
 
     def load_lora(self, path: str | Path, strength: float = 1.0, *, merge: bool = False) -> lora.Applied:
         """Apply a LoRA file (kohya / A1111 / ComfyUI / Civitai, or diffusers / PEFT format) to the
@@ -363,3 +349,8 @@ class Pipeline:
         from sdtorch.generate.infotext import infotext
 
         return infotext(self, p, index)
+
+
+def _image(image: ImageLike, mode: str = "RGB"):
+    """A path opened; a PIL image or a (1, C, H, W) tensor as it is."""
+    return image if isinstance(image, torch.Tensor) else open_image(image, mode)

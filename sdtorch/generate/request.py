@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import torch
 from PIL import Image
 
 from sdtorch.sampling import samplers
@@ -27,6 +28,10 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class RequestTypeError(RequestError, TypeError):
+    """A request field of the wrong type (also a TypeError, as Python would raise)."""
 
 
 class Cancelled(Exception):
@@ -101,7 +106,7 @@ class GenerationRequest:
         """Raise `RequestError` for the first bad field; returns self."""
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
-                raise RequestError(name, f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+                raise RequestTypeError(name, f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         _check_int(self, "steps", 1)
         _check_int(self, "batch_size", 1)
         _check_int(self, "seed", -1)
@@ -148,13 +153,13 @@ class GenerationRequest:
     def _validate_images(self) -> None:
         for name in ("init_image", "mask"):
             v = getattr(self, name)
-            if v is not None and not isinstance(v, Image.Image):
-                raise RequestError(name, f"{name} must be a PIL image, got {type(v).__name__}")
+            if v is not None and not isinstance(v, (Image.Image, torch.Tensor)):
+                raise RequestError(name, f"{name} must be a PIL image (or a (1, C, H, W) tensor), got {type(v).__name__}")
         if self.mask is not None and self.init_image is None:
             raise RequestError("mask", "a mask needs an init_image to inpaint")
-        if self.mask is not None and self.mask.size != self.init_image.size:
-            raise RequestError("mask", f"mask is {self.mask.size[0]}x{self.mask.size[1]} but the image is "
-                                       f"{self.init_image.size[0]}x{self.init_image.size[1]}")
+        if self.mask is not None and _size(self.mask) != _size(self.init_image):
+            (mw, mh), (w, h) = _size(self.mask), _size(self.init_image)
+            raise RequestError("mask", f"mask is {mw}x{mh} but the image is {w}x{h}")
 
     def _validate_adapters(self) -> None:
         for item in self.loras:
@@ -167,6 +172,10 @@ class GenerationRequest:
             raise RequestError("deep_cache_branch", f"deep_cache_branch must be >= 0, got {self.deep_cache_branch!r}")
         if not _is_int(self.attention_chunk) or self.attention_chunk < 0:
             raise RequestError("attention_chunk", f"attention chunk must be >= 0 (0 = off), got {self.attention_chunk!r}")
+
+
+def _size(image) -> tuple[int, int]:
+    return image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
 
 
 def _is_int(v: Any) -> bool:

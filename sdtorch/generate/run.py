@@ -45,7 +45,8 @@ class RunResult:
 
 
 def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
-        cancel: CancelToken | None = None, progress: bool = False) -> RunResult:
+        cancel: CancelToken | None = None, progress: bool = False, callback: Callable | None = None) -> RunResult:
+    """callback(dict): also the sampler's own step dict (`x`, `denoised`, `i`, `sigma`)."""
     request = request.validate(pipe.vae.downscale).resolved()
     if request.hires is not None:
         return _hires(pipe, request, on_step, cancel, progress)
@@ -53,7 +54,7 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
         pixels = _pixels(request)
         params = _params(pipe, request, pixels)
         total = request.steps - (img2img_start(request.steps, request.strength) if pixels is not None else 0)
-        callback = _callback(on_step, cancel, total)
+        callback = _callback(on_step, cancel, total, callback)
         if cancel is not None and cancel.cancelled:
             raise Cancelled("cancelled before it started")
         try:
@@ -140,14 +141,17 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
 
 
 def _pixels(r: GenerationRequest) -> torch.Tensor | None:
-    """The init image at the requested size, or its own size rounded down to a multiple of 8."""
+    """The init image at the requested size, or its own size rounded down to a multiple of 8 (a
+    (1, 3, H, W) tensor in [-1, 1] passes as it is)."""
     if r.init_image is None:
         return None
+    if isinstance(r.init_image, torch.Tensor):
+        return image_tensor(r.init_image)
     w, h = r.init_image.size
     return image_tensor(r.init_image, r.width or w - w % 8, r.height or h - h % 8)
 
 
-def _callback(on_step: OnStep | None, cancel: CancelToken | None, total: int):
+def _callback(on_step: OnStep | None, cancel: CancelToken | None, total: int, raw: Callable | None = None):
     count = [0]
 
     def callback(d: dict) -> None:
@@ -156,6 +160,8 @@ def _callback(on_step: OnStep | None, cancel: CancelToken | None, total: int):
                 raise _Stop(count[0], d["denoised"])
             raise Cancelled(f"cancelled at step {count[0]} of {total}")
         count[0] += 1
+        if raw is not None:
+            raw(d)
         if on_step is not None:
             on_step(count[0], total, d["denoised"])
 
