@@ -112,8 +112,8 @@ class _Parser:
 def _number(nodes: list) -> float | None:
     if len(nodes) != 1 or not isinstance(nodes[0], str):
         return None
-    m = _NUMBER.fullmatch(nodes[0]) or _NUMBER.match(nodes[0])
-    return float(m.group(1)) if m and m.group(0) == nodes[0] else None
+    m = _NUMBER.fullmatch(nodes[0])
+    return float(m.group(1)) if m else None
 
 
 def _steps_of(nodes: list, steps: int, out: set[int]) -> None:

@@ -86,7 +86,8 @@ def upscale_image(image: Image.Image, fix: HiresFix, size: tuple[int, int, int, 
 def infotext_fields(fix: HiresFix, width: int, height: int) -> dict:
     fields = {"Denoising strength": fix.strength}
     if any(fix.resize):
-        fields["Hires resize"] = f"{fix.target(width, height)[2]}x{fix.target(width, height)[3]}"
+        _, _, w, h = fix.target(width, height)
+        fields["Hires resize"] = f"{w}x{h}"
     else:
         fields["Hires upscale"] = fix.scale
     if fix.steps:
@@ -103,18 +104,13 @@ def second_pass(request, fix: HiresFix):
                    steps=fix.steps or request.steps, strength=fix.strength)
 
 
-def first_pass_steps(request) -> int:
-    from sdtorch.generate.images import img2img_start
-
-    if request.init_image is None:
-        return request.steps
-    return request.steps - img2img_start(request.steps, request.strength)
-
-
 def total_steps(request) -> int:
     """Sampler steps of a whole request, both hires passes included (for progress)."""
-    first = first_pass_steps(request)
+    from sdtorch.generate.images import img2img_start, sampled_steps
+
+    first = sampled_steps(request)
     if request.hires is None:
         return first
-    second = first_pass_steps(replace(second_pass(request, request.hires), init_image=True))
-    return first + second * (1 if request.hires.upscaler in LATENT else request.batch_size)
+    second = second_pass(request, request.hires)
+    per_image = second.steps - img2img_start(second.steps, second.strength)
+    return first + per_image * (1 if request.hires.upscaler in LATENT else request.batch_size)

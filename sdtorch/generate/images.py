@@ -68,6 +68,13 @@ def extend_canvas(image: ImageLike, *, left: int = 0, right: int = 0, top: int =
     return Image.fromarray(arr), Image.fromarray(mask)
 
 
+def sampled_steps(request) -> int:
+    """How many sampler steps a request without hires fix runs: all of them, or img2img's share."""
+    if request.init_image is None:
+        return request.steps
+    return request.steps - img2img_start(request.steps, request.strength)
+
+
 def img2img_start(steps: int, strength: float) -> int:
     """How many of the `steps` grid steps img2img skips: diffusers' `get_timesteps` arithmetic."""
     if not 0.0 <= strength <= 1.0:

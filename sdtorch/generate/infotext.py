@@ -36,13 +36,13 @@ def infotext(pipe, p, index: int = 0) -> str:
     fields = {"Steps": p.steps, "Sampler": samplers.SAMPLERS[base].label}
     if scheduler != "automatic":
         fields["Schedule type"] = samplers.LABELS[scheduler]
-    seed = p.seeds()[index] if index < p.batch_size else p.seed
+    seed, subseed = (p.seeds()[index], p.subseeds()[index]) if index < p.batch_size else (p.seed, p.subseed)
     fields.update({"CFG scale": p.cfg_scale, "Seed": seed, "Size": f"{p.width}x{p.height}",
                    "Model hash": pipe.model_hash(), "Model": pipe.path.stem if pipe.path else pipe.config.name})
     if p.clip_skip:
         fields["Clip skip"] = p.clip_skip
     if p.subseed_strength:
-        fields["Variation seed"] = p.subseed + (index if p.seed_mode == "a1111" else 0)
+        fields["Variation seed"] = subseed
         fields["Variation seed strength"] = p.subseed_strength
     if p.seed_resize_from[0] > 0 and p.seed_resize_from[1] > 0:
         fields["Seed resize from"] = f"{p.seed_resize_from[0]}x{p.seed_resize_from[1]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdtorch.sampling import samplers
+from sdtorch.sampling.noise import image_seeds
 
 
 @dataclass
@@ -30,8 +31,11 @@ class GenerationParams:
     seed_resize_from: tuple[int, int] = (0, 0)  # (w, h): the seed's noise drawn at this size (a1111 mode)
 
     def seeds(self) -> list[int]:
-        """Each image's seed: all the same in diffusers mode (one generator), seed + i in a1111's."""
-        return [self.seed + i if self.seed_mode == "a1111" else self.seed for i in range(self.batch_size)]
+        """Each image's seed (`sampling.noise.image_seeds`)."""
+        return image_seeds(self.seed, self.batch_size, self.seed_mode)
+
+    def subseeds(self) -> list[int]:
+        return image_seeds(self.subseed, self.batch_size, self.seed_mode)
 
 
 def validate(p: GenerationParams, downscale: int = 8) -> None:

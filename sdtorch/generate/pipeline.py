@@ -307,8 +307,8 @@ class Pipeline:
                                   "width", "height"}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        options = {k: v for k, v in options.items() if v is not None or k in ("width", "height", "clip_skip")}
-        options["seed"] = options.get("seed", -1)
+        options = dict(options)
+        options["seed"] = -1 if options.get("seed") is None else options["seed"]
         cache = self.deep_cache or (0, 0)
         return GenerationRequest(prompt, negative, scheduler="automatic", prompt_syntax=self.prompt_syntax,
                                  deep_cache=cache[0], deep_cache_branch=cache[1], tile_vae=self.tile_vae,

@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from sdtorch.adapters.seamless import seamless
-from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor
+from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor, sampled_steps
 from sdtorch.generate.params import GenerationParams
 from sdtorch.generate.request import Cancelled, CancelToken, GenerationRequest, RequestError
 from sdtorch.sampling import samplers
+from sdtorch.sampling.noise import image_seeds
 
 OnStep = Callable[[int, int, torch.Tensor], None]
 
@@ -40,8 +41,7 @@ class RunResult:
     @property
     def seeds(self) -> list[int]:
         """Each image's seed (a1111 seed mode: seed, seed + 1, ...)."""
-        r = self.request
-        return [r.seed + i if r.seed_mode == "a1111" else r.seed for i in range(len(self.images))]
+        return image_seeds(self.request.seed, len(self.images), self.request.seed_mode)
 
 
 def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
@@ -53,7 +53,7 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
     with pipe.lock, _scoped(pipe, request):
         pixels = _pixels(request)
         params = _params(pipe, request, pixels)
-        total = request.steps - (img2img_start(request.steps, request.strength) if pixels is not None else 0)
+        total = sampled_steps(request)
         callback = _callback(on_step, cancel, total, callback)
         if cancel is not None and cancel.cancelled:
             raise Cancelled("cancelled before it started")
@@ -75,7 +75,7 @@ def _hires(pipe, request: GenerationRequest, on_step, cancel, progress) -> RunRe
     import sdtorch.generate.hires as hires
 
     fix, first = request.hires, replace(request, hires=None)
-    total, n1 = hires.total_steps(request), hires.first_pass_steps(first)
+    total, n1 = hires.total_steps(request), sampled_steps(first)
     res = run(pipe, first, on_step=_shifted(on_step, 0, total), cancel=cancel, progress=progress)
     if res.stopped_at is not None:
         return replace(res, request=request)
@@ -90,7 +90,7 @@ def _hires(pipe, request: GenerationRequest, on_step, cancel, progress) -> RunRe
             r = replace(second, init_image=hires.upscale_image(image, fix, size), batch_size=1, seed=seed)
             out = run(pipe, r, on_step=_shifted(on_step, done, total), cancel=cancel, progress=progress)
             images += out.images
-            done += hires.first_pass_steps(r)
+            done += sampled_steps(r)
     with pipe.lock, _scoped(pipe, first):  # A1111's infotext: the first pass's size and the hires fields
         params = _params(pipe, first, None)
         params.extra.update(hires.infotext_fields(fix, params.width, params.height))
@@ -173,18 +173,16 @@ def _scoped(pipe, r: GenerationRequest):
     """Apply the request's pipeline-level settings; restore the previous ones afterwards."""
     saved = (pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk)
     applied = []
-    tiling = seamless(pipe.unet, pipe.vae, enabled=r.tiling)
     try:
-        tiling.__enter__()
         pipe.prompt_syntax = r.prompt_syntax
         pipe.deep_cache = (r.deep_cache, r.deep_cache_branch) if r.deep_cache > 1 else None
         pipe.tile_vae = r.tile_vae if r.tile_vae is not None else saved[2]
         pipe.attention_chunk = r.attention_chunk
         for name, strength in r.loras:
             applied.append(pipe.loras.add(_network(pipe, _lora_path(pipe, name)), strength))
-        yield
+        with seamless(pipe.unet, pipe.vae, enabled=r.tiling):
+            yield
     finally:
-        tiling.__exit__(None, None, None)
         for a in applied:
             pipe.loras.remove(a)
         pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk = saved

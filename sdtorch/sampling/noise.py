@@ -18,6 +18,11 @@ import torch
 SEED_MODES = ("diffusers", "a1111")
 
 
+def image_seeds(seed: int, n: int, mode: str) -> list[int]:
+    """The seeds of a batch's n images: all `seed` in diffusers mode (one generator), seed + i in a1111's."""
+    return [seed + i if mode == "a1111" else seed for i in range(n)]
+
+
 def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """A1111's spherical interpolation of two (C, H, W) noises (its code's normalisation axis)."""
     low_norm = low / torch.norm(low, dim=1, keepdim=True)
@@ -83,7 +88,7 @@ def initial_noise(shape: tuple[int, int, int, int], seed: int, *, mode: str = "d
     diffusers mode continues `generator` when given (img2img draws its encoding first)."""
     if mode == "a1111":
         b = shape[0]
-        rng = ImageNoise(shape[1:], [seed + i for i in range(b)], [subseed + i for i in range(b)],
+        rng = ImageNoise(shape[1:], image_seeds(seed, b, mode), image_seeds(subseed, b, mode),
                          subseed_strength, resize_from, downscale)
         return rng, rng.first()
     if mode != "diffusers":

@@ -10,7 +10,7 @@ that is not instruct-pix2pix) are ignored here the same way. Unknown fields are 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from PIL import Image
@@ -128,8 +128,6 @@ class Plan:
 
     runs: list[GenerationRequest]
     finish: Callable[[Image.Image], Image.Image] = lambda im: im
-    parameters: dict = field(default_factory=dict)  # the request echoed with its defaults filled
-    subseed: int = -1
 
 
 def parse(kind: str, body: dict) -> _Common:
@@ -177,9 +175,7 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         raise RequestError(_a1111_field(e.field), str(e)) from None
     if lora_exists is not None and not req.disable_extra_networks:
         _check_loras(prompt, lora_exists)
-    runs = [_replace_seed(base, i * req.batch_size) for i in range(req.n_iter)]
-    parameters = {**req.model_dump(), "width": width, "height": height}
-    return Plan(runs, finish, parameters, subseed)
+    return Plan([_replace_seed(base, i * req.batch_size) for i in range(req.n_iter)], finish)
 
 
 def _hires(req: Txt2Img):
@@ -212,8 +208,6 @@ def _styled(req: _Common, styles: dict) -> tuple[str, str]:
 
 def _replace_seed(r: GenerationRequest, offset: int) -> GenerationRequest:
     """Batch i of an n_iter request: seed and subseed moved on by i x batch_size (A1111)."""
-    from dataclasses import replace
-
     return replace(r, seed=(r.seed + offset) % 2**32, subseed=(r.subseed + offset) % 2**32)
 
 
@@ -330,15 +324,13 @@ def _check_loras(prompt: str, lora_exists: Callable[[str], None]) -> None:
 
 
 def _img2img(req: Img2Img, base: GenerationRequest) -> tuple[GenerationRequest, Callable]:
-    from dataclasses import replace
-
     if not req.init_images:
         _refuse("init_images", "img2img needs one image in init_images")
     if len(req.init_images) > 1:
         _refuse("init_images", f"one init image per request is supported, got {len(req.init_images)}")
     if req.resize_mode not in imgs.RESIZE_MODES:
         _refuse("resize_mode", f"must be one of {sorted(imgs.RESIZE_MODES)} "
-                               "(0 just resize, 1 crop and resize, 2 resize and fill), got {req.resize_mode}")
+                               f"(0 just resize, 1 crop and resize, 2 resize and fill), got {req.resize_mode}")
     if req.initial_noise_multiplier not in (None, 1.0):
         _refuse("initial_noise_multiplier", f"only 1.0 is supported, got {req.initial_noise_multiplier}")
     if req.latent_mask:

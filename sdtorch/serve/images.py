@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,20 +30,19 @@ def decode_image(data: str, name: str) -> Image.Image:
         raw = base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
         raise RequestError(name, f"{name}: not valid base64") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-        try:
-            image = Image.open(io.BytesIO(raw))
-            image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise RequestError(name, f"{name}: image too large (more than {MAX_IMAGE_PIXELS} pixels: "
-                                     "refused as a possible decompression bomb)") from None
-        except (OSError, SyntaxError, ValueError):
-            raise RequestError(name, f"{name}: not an image Pillow can read") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+    bomb = RequestError(name, f"{name}: image too large (more than {MAX_IMAGE_PIXELS} pixels: refused as a "
+                              "possible decompression bomb)")
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # checked before any pixel is decoded
+            raise bomb
+        image.load()
+    except RequestError:
+        raise
+    except Image.DecompressionBombError:
+        raise bomb from None
+    except (OSError, SyntaxError, ValueError):
+        raise RequestError(name, f"{name}: not an image Pillow can read") from None
     return image
 
 

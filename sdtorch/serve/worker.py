@@ -22,6 +22,8 @@ from typing import Callable
 
 from sdtorch.families import concat_kind
 from sdtorch.generate import Cancelled, CancelToken, png_bytes
+from sdtorch.generate.hires import total_steps
+from sdtorch.sampling.noise import image_seeds
 from sdtorch.serve import a1111
 from sdtorch.serve.models import Models
 from sdtorch.serve.preview import make_previewer
@@ -165,7 +167,7 @@ class Worker:
                           options=job.request["options"], limits=self.limits, seed=job.request["seed"],
                           subseed=job.request["subseed"], styles=self.styles, seed_mode=self.seed_mode)
         runs = plan.runs
-        per_run = _steps(runs[0])
+        per_run = total_steps(runs[0])
         p = self.progress
         p.job, p.kind, p.started = job.id, job.kind, time.monotonic()
         p.steps, p.batches, p.batch_steps = per_run * len(runs), len(runs), per_run
@@ -227,12 +229,6 @@ class Worker:
         self.publish(event)
 
 
-def _steps(request) -> int:
-    from sdtorch.generate.hires import total_steps
-
-    return total_steps(request)
-
-
 def _info(job: Job, req, plan: a1111.Plan, pipe, models: Models, runs, infotexts: list[str], seeds: list[int],
           timestamp: str) -> dict:
     """A1111's `info` JSON of a finished job (Processed.js())."""
@@ -264,7 +260,7 @@ def _info(job: Job, req, plan: a1111.Plan, pipe, models: Models, runs, infotexts
 
 
 def _subseeds(runs, mode: str) -> list[int]:
-    return [r.subseed + (i if mode == "a1111" else 0) for r in runs for i in range(r.batch_size)]
+    return [s for r in runs for s in image_seeds(r.subseed, r.batch_size, mode)]
 
 
 def _version() -> str:
