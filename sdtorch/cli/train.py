@@ -1,4 +1,4 @@
-"""`sdtorch train vae|unet|clip|lora|dreambooth|embedding`: the training jobs from the command line.
+"""`sdtorch train vae|unet|clip|lora|dreambooth|embedding|decoder-demo`: the training jobs from the command line.
 
 The same command runs on one process or under `torchrun --nproc_per_node N` (DDP; gloo on CPU).
 """
@@ -50,8 +50,32 @@ def add_train_command(sub) -> None:
             p.add_argument("--text-encoder", action="store_true", help="also train LoRA layers in the text encoder")
             _fine_tune_arguments(p)
     _add_dreambooth_command(jobs)
+    _add_decoder_demo_command(jobs)
 
     add_embedding_command(jobs)  # textual inversion (sdtorch/ti_train.py)
+
+
+def _add_decoder_demo_command(jobs) -> None:
+    from sdtorch.training.decoding import DemoConfig
+
+    d = DemoConfig(out="")
+    p = jobs.add_parser("decoder-demo", help="vision decoding on simulated scans: scanner, autoencoder, the built-in "
+                        "model fine-tuned on (scan, image) pairs, n-way identification (sdtorch.training.decoding)")
+    p.add_argument("--out", required=True, help="run folder (scans, autoencoder, model.safetensors, results.json)")
+    p.add_argument("--data", default=None, help="emoji image folder (default: rendered into OUT/emoji64)")
+    for name in ("subject", "limit", "ae_steps", "ae_batch", "unet_steps", "unet_batch", "steps", "ways", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("ae_lr", "unet_lr", "condition_dropout", "cfg_scale"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (pays only where the CPU has bf16 units)")
+
+
+def _decoder_demo(args) -> dict:
+    from dataclasses import fields
+
+    from sdtorch.training.decoding import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig) if hasattr(args, f.name)}))
 
 
 def _add_dreambooth_command(jobs) -> None:
@@ -101,6 +125,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.job == "embedding":
 
         print(*train_embedding(args), sep="\n")
+        return 0
+    if args.job == "decoder-demo":
+        import json
+
+        print(json.dumps(_decoder_demo(args), indent=2))
         return 0
     if args.job in ("lora", "dreambooth"):
         print(_train_lora(args) if args.job == "lora" else _train_dreambooth(args))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ IGNORED = re.compile(
     r"|cond_stage_model\.model\.(logit_scale|text_projection)$)"
 )
 CONFIG_KEY = "sdtorch_config"  # safetensors metadata written by `save`
+ENCODER_PREFIX = "condition_encoder."  # a condition encoder's keys (sdtorch.conditioning.encoders)
+ENCODER_KEY = "sdtorch_condition_encoder"  # its spec (JSON) in the metadata
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Checkpoint:
     dtype: torch.dtype  # of the stored weights
     prediction_source: str  # "given", "metadata", "marker key", "diffusers config" or "guessed: ..."
     path: Path
+    # A condition encoder stored with the model (keys `condition_encoder.*`, its spec in the metadata).
+    encoder: dict[str, torch.Tensor] = field(default_factory=dict)
+    encoder_spec: dict | None = None
 
 
 def split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, str]:
@@ -175,9 +180,11 @@ def read(
     if path.is_dir():  # already in sdtorch's names: no detour through the single-file layout
         unet, vae, clip, folder_cfg = convert.read_diffusers_folder(path)
         sd, meta, source, layout = {}, {}, source or "diffusers config", folder_cfg.clip_layout
+        encoder, encoder_spec = {}, None
         config = config or folder_cfg
     else:
         sd, meta = read_state_dict(path)
+        encoder, encoder_spec = _condition_encoder(sd, meta, path)
         unet, vae, clip, layout = split(sd)
     if config is None and CONFIG_KEY in meta:
         config, source = ModelConfig.from_dict(json.loads(meta[CONFIG_KEY])), "metadata"
@@ -191,7 +198,19 @@ def read(
         pred, source = guess_prediction(unet, config)
         config = replace(config, prediction=pred, sample_size=768 if pred == "v" else config.sample_size)
     dtype = next(iter(unet.values())).dtype
-    return Checkpoint(config, unet, vae, clip, dtype, source, path)
+    return Checkpoint(config, unet, vae, clip, dtype, source, path, encoder, encoder_spec)
+
+
+def _condition_encoder(sd: dict, meta: dict, path: Path) -> tuple[dict, dict | None]:
+    """Take the condition encoder's keys out of `sd` (in place), with its spec from the metadata."""
+    prefix = ENCODER_PREFIX
+    keys = [k for k in sd if k.startswith(prefix)]
+    if not keys:
+        return {}, None
+    if ENCODER_KEY not in meta:
+        raise CheckpointError(f"{path} has condition-encoder weights ({prefix}*) but no {ENCODER_KEY!r} metadata "
+                              "saying what encoder they belong to")
+    return {k[len(prefix):]: sd.pop(k) for k in keys}, json.loads(meta[ENCODER_KEY])
 
 
 def _detect(unet: dict, vae: dict, clip: dict, layout: str, path: Path) -> ModelConfig:
@@ -244,7 +263,14 @@ def original_state_dict(unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: M
     return convert.original_keys(unet.state_dict(), vae.state_dict(), clip.state_dict(), cfg)
 
 
-def save(path: str | Path, unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig, dtype=None) -> Path:
-    """Write one original-layout .safetensors file with the config in its metadata, atomically."""
-    sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in original_state_dict(unet, vae, clip, cfg).items()}
-    return save_safetensors(sd, path, {CONFIG_KEY: json.dumps(cfg.to_dict())})
+def save(path: str | Path, unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig, dtype=None, *,
+         condition_encoder: nn.Module | None = None) -> Path:
+    """Write one original-layout .safetensors file with the config in its metadata, atomically;
+    a condition encoder goes in under `condition_encoder.*` with its spec in the metadata."""
+    sd = original_state_dict(unet, vae, clip, cfg)
+    meta = {CONFIG_KEY: json.dumps(cfg.to_dict())}
+    if condition_encoder is not None:
+        sd |= {ENCODER_PREFIX + k: v for k, v in condition_encoder.state_dict().items()}
+        meta[ENCODER_KEY] = json.dumps(condition_encoder.spec())
+    sd = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    return save_safetensors(sd, path, meta)

@@ -115,3 +115,28 @@ def _sha256(path, h) -> str:
         for block in iter(lambda: fh.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_tensor(path: str | Path) -> torch.Tensor:
+    """The one tensor of a .npy, .pt / .pth or .safetensors file (a condition input, say), read safely."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"condition file {path} does not exist")
+    try:
+        if p.suffix == ".npy":
+            return torch.from_numpy(np.load(p, allow_pickle=False))
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = list(load_file(p).values())
+            if len(tensors) != 1:
+                raise ValueError(f"{path} holds {len(tensors)} tensors; a condition file holds one")
+            return tensors[0]
+        value = torch.load(p, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        raise ValueError(f"cannot read condition file {path}: {e}") from None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{path} does not hold a tensor")
+    return value

@@ -1,4 +1,5 @@
-"""What conditions a run's denoiser, from its prompt read once (`parse_prompt`): the prompt's
+"""What conditions a run's denoiser: the pipeline's condition encoder's tokens when the request
+gives its input (`encoder_conditions`), else the prompt read once (`parse_prompt`): the prompt's
 LoRA tags handed to the pipeline's LoRA loader, each distinct text of the prompt's and the
 negative prompt's schedules encoded once, and the result as `Condition`s: one cond / uncond pair
 for a plain prompt (`CFGDenoiser`), or schedules of them for A1111's prompt editing, alternation
@@ -12,6 +13,7 @@ import torch
 
 from sdtorch.conditioning.prompts import pad_all
 from sdtorch.conditioning.schedule import ParsedPrompt, parse_prompt
+from sdtorch.generate.request import RequestError
 from sdtorch.models.condition import Condition
 from sdtorch.sampling.denoisers import Schedule
 
@@ -21,6 +23,49 @@ class TextConditions:
     cond: Condition | None  # None when `scheduled` replaces the pair
     uncond: Condition | None
     scheduled: tuple[list[tuple[float, Schedule]], Schedule] | None = None  # (parts, negative schedule)
+
+
+def conditions(pipe, params, concat: torch.Tensor | None) -> TextConditions:
+    """The run's cond / uncond pair (or schedules): from the condition encoder or from text."""
+    encoder = getattr(pipe, "condition_encoder", None)
+    if params.condition is None:
+        if encoder is not None and encoder.mode == "replace":
+            raise RequestError("condition", "this model is conditioned by its condition encoder, not by text: "
+                                            "give the encoder's input (--condition FILE)")
+        return text_conditions(pipe, params, concat)
+    if encoder is None:
+        raise RequestError("condition", "this model has no condition encoder; it is conditioned by text only")
+    return encoder_conditions(pipe, encoder, params, concat)
+
+
+def encoder_conditions(pipe, encoder, params, concat: torch.Tensor | None) -> TextConditions:
+    """Tokens of the encoder's input against its empty condition; in "join" mode appended to the
+    prompt's (and the negative prompt's) text states."""
+    b = params.batch_size
+    try:
+        x = encoder.batched(params.condition, b).to(pipe.device, torch.float32)
+    except ValueError as e:
+        raise RequestError("condition", str(e)) from None
+    with torch.autocast(pipe.device.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32):
+        cond, uncond = encoder(x), encoder.empty(b)
+    if encoder.mode == "replace":
+        if params.prompt or params.negative_prompt:
+            raise RequestError("prompt", "this model's condition encoder replaces the text: leave the prompt empty")
+        return TextConditions(_with(cond, concat), _with(uncond, concat))
+    text = text_conditions(pipe, params, concat)
+    if text.scheduled is not None:
+        raise RequestError("prompt", "prompt schedules and AND do not combine with a condition encoder's input")
+    return TextConditions(_joined(text.cond, cond), _joined(text.uncond, uncond))
+
+
+def _with(c: Condition, concat) -> Condition:
+    return Condition(c.crossattn.to(torch.float32), None if c.vector is None else c.vector.float(), concat)
+
+
+def _joined(text: Condition, extra: Condition) -> Condition:
+    tokens = extra.crossattn.to(text.crossattn.dtype)
+    return Condition(torch.cat([text.crossattn, tokens], 1), extra.vector if text.vector is None else text.vector,
+                     text.concat)
 
 
 def text_conditions(pipe, params, concat: torch.Tensor | None) -> TextConditions:

@@ -52,6 +52,20 @@ def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
         unet, vae = fast_layout(unet), fast_layout(vae)
     pipe = Pipeline(cfg, unet.to(device), vae.to(device), clip.to(device),
                     path=Path(path), prediction_source=ckpt.prediction_source)
+    if ckpt.encoder_spec is not None:
+        pipe.condition_encoder = _condition_encoder(ckpt, device)
     if compile:
         pipe.compile()
     return pipe
+
+
+def _condition_encoder(ckpt, device) -> torch.nn.Module:
+    """The condition encoder stored in the file, loaded strictly, in float32 (it is small)."""
+    from sdtorch.conditioning.encoders import build
+
+    try:
+        encoder = build(ckpt.encoder_spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{ckpt.path}: bad condition-encoder spec in the metadata: {e}") from None
+    checkpoint.load_strict(encoder, ckpt.encoder, "condition encoder", torch.float32)
+    return encoder.eval().to(device)

@@ -29,6 +29,7 @@ class GenerationParams:
     subseed: int = 0  # variation seed, mixed in by slerp with subseed_strength
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] = (0, 0)  # (w, h): the seed's noise drawn at this size (a1111 mode)
+    condition: object = None  # the condition encoder's input (a tensor), when the pipeline has one
 
     def seeds(self) -> list[int]:
         """Each image's seed (`sampling.noise.image_seeds`)."""

@@ -32,7 +32,7 @@ from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ModelConfig
 from sdtorch.families import concat_kind
 from sdtorch.formats.files import sha256
-from sdtorch.generate.guidance import text_conditions
+from sdtorch.generate.guidance import conditions
 from sdtorch.generate.images import ImageLike, extend_canvas, img2img_start, open_image
 from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
 from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
@@ -55,6 +55,9 @@ class Pipeline:
         self.config = config
         self.unet, self.vae, self.clip = unet.eval(), vae.eval(), clip.eval()
         self.tokenizer = ClipTokenizer()
+        # A `sdtorch.conditioning.encoders.ConditionEncoder` the UNet was trained with (None: text only);
+        # requests give its input as `condition`.
+        self.condition_encoder: torch.nn.Module | None = None
         self.path = path
         self.prediction_source = prediction_source
         self._hash: str | None = None
@@ -170,7 +173,7 @@ class Pipeline:
                 callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
                 start: int = 0, concat: torch.Tensor | None = None, blend: tuple | None = None) -> torch.Tensor:
         """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets)."""
-        text = text_conditions(self, params, concat)  # the prompt read once, its LoRAs applied
+        text = conditions(self, params, concat)  # the prompt read once (LoRAs applied), or the encoder's tokens
 
         def make_model(quantize: bool):
             model = self.denoiser(params.cfg_scale, quantize, text.scheduled)

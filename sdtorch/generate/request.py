@@ -90,6 +90,7 @@ class GenerationRequest:
     seed_resize_from: tuple[int, int] = (0, 0)  # (w, h) > 0: the seed's noise drawn at that size (a1111 mode)
     tiling: bool = False  # seamless: circular padding in the UNet and VAE convolutions
     hires: Any = None  # a `sdtorch.generate.hires.HiresFix`: txt2img, upscale, img2img (A1111's hires fix)
+    condition: torch.Tensor | None = None  # input of the pipeline's condition encoder (one, or (1 or B, ...))
 
     @property
     def kind(self) -> str:
@@ -130,6 +131,8 @@ class GenerationRequest:
         if not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:
             raise RequestError("strength", f"strength must be in [0, 1], got {self.strength!r}")
         self._validate_images()
+        if self.condition is not None and not isinstance(self.condition, torch.Tensor):
+            raise RequestTypeError("condition", f"condition must be a tensor, got {type(self.condition).__name__}")
         self._validate_adapters()
         self._validate_seeds()
         if self.hires is not None:

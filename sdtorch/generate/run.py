@@ -137,7 +137,18 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
     return GenerationParams(r.prompt, r.negative_prompt, r.steps, sampler, r.cfg_scale, r.seed, size_w, size_h,
                             r.batch_size, r.eta, r.clip_skip, scheduler=scheduler, seed_mode=r.seed_mode,
                             subseed=r.subseed, subseed_strength=r.subseed_strength,
-                            seed_resize_from=tuple(r.seed_resize_from), extra={"Tiling": True} if r.tiling else {})
+                            seed_resize_from=tuple(r.seed_resize_from), condition=r.condition,
+                            extra=_extra(r))
+
+
+def _extra(r: GenerationRequest) -> dict:
+    extra = {"Tiling": True} if r.tiling else {}
+    if r.condition is not None:  # which input, by content (the tensor itself is not text)
+        import hashlib
+
+        data = r.condition.detach().float().contiguous().numpy().tobytes()
+        extra["Condition hash"] = hashlib.sha256(data).hexdigest()[:10]
+    return extra
 
 
 def _pixels(r: GenerationRequest) -> torch.Tensor | None:

@@ -112,32 +112,39 @@ class UNetJob:
                   clip: nn.Module | None = None):
         """Latents z0 = posterior sample * scaling_factor (frozen VAE), text states of `clip` (default
         the frozen one; captions dropped -> "")."""
+        z0 = self.latents(images, seeds, index)
+        drop = rand_per_sample(seeds, 2) < self.caption_dropout
+        texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
+        tokens = self.tokenizer(texts, pad_id=self.cfg.clip.pad_token_id)
+        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
+            context = (self.clip if clip is None else clip)(tokens).float()
+        return z0, context
+
+    def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        models = batch["models"]
+        z0, context = self.condition(batch["image"], batch["text"], seeds, batch.get("index"), models.get("clip"))
+        return self.denoising_loss(models["unet"], z0, context, seeds), {}
+
+    def latents(self, images: torch.Tensor, seeds: torch.Tensor, index: list[int] | None = None) -> torch.Tensor:
+        """z0 = a posterior sample of the frozen VAE (cached when `cache_latents` ran) * scaling_factor."""
         with torch.no_grad():
             if self.latent_cache is not None and index is not None:
                 mean, std = (c[index] for c in self.latent_cache)
             else:
                 posterior = self.vae.encode(images)
                 mean, std = posterior.mean, posterior.std
-            z0 = mean + std * randn_per_sample(mean.shape[1:], seeds, 1)
-        drop = rand_per_sample(seeds, 2) < self.caption_dropout
-        texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
-        tokens = self.tokenizer(texts, pad_id=self.cfg.clip.pad_token_id)
-        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
-            context = (self.clip if clip is None else clip)(tokens).float()
-        return z0 * self.cfg.vae.scaling_factor, context
+            return (mean + std * randn_per_sample(mean.shape[1:], seeds, 1)) * self.cfg.vae.scaling_factor
 
-    def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        models = batch["models"]
-        z0, context = self.condition(batch["image"], batch["text"], seeds, batch.get("index"), models.get("clip"))
+    def denoising_loss(self, unet: nn.Module, z0: torch.Tensor, context: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """MSE of the UNet's eps (or v) at a random timestep per sample."""
         T = len(self.alphas)
         t = (rand_per_sample(seeds, 3) * T).long().clamp(max=T - 1)  # (B,)
         noise = randn_per_sample(z0.shape[1:], seeds, 4)
         a = self.alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
         target = noise if self.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z0
-        pred = models["unet"](x_t, t.float(), context)
-        loss = F.mse_loss(pred.float(), target)
-        return loss, {}
+        pred = unet(x_t, t.float(), context)
+        return F.mse_loss(pred.float(), target)
 
     @torch.no_grad()
     def samples(self, ema: dict[str, nn.Module], step: int):
