@@ -37,9 +37,9 @@ class Proc:
         return "".join(self.log)
 
 
-def start(args: list[str], timeout: float = 90.0) -> Proc:
+def start(args: list[str], timeout: float = 90.0, ready: re.Pattern = READY, env: dict | None = None) -> Proc:
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=HERE.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            cwd=HERE.parent, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines: queue.Queue = queue.Queue()
     log: list[str] = []
 
@@ -54,12 +54,12 @@ def start(args: list[str], timeout: float = 90.0) -> Proc:
         if proc.poll() is not None and lines.empty():
             raise AssertionError(f"server exited with {proc.returncode}:\n{''.join(log)}")
         try:
-            match = READY.search(lines.get(timeout=max(0.05, deadline - time.monotonic())))
+            match = ready.search(lines.get(timeout=max(0.05, deadline - time.monotonic())))
         except queue.Empty:
             stop(proc)
             raise AssertionError(f"no ready line within {timeout} s:\n{''.join(log)}") from None
         if match:
-            return Proc(proc, log, match.group(1).rstrip("/"))
+            return Proc(proc, log, match.group(1).rstrip("/") if match.groups() else "")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hires-upscaler", default="Latent", help="Latent, Latent (nearest), ..., Lanczos, Nearest, None")
     gen.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (default: --steps)")
     gen.add_argument("--hires-strength", type=float, default=0.7, help="second-pass denoising strength")
+    gen.add_argument("--condition", metavar="FILE", help="input of the model's condition encoder (.npy or .pt tensor), "
+                     "e.g. a scan for a model from `sdtorch train decoder-demo`; the prompt may then be empty")
     gen.add_argument("--process", metavar="FILE", help="also save the predicted clean image of every step: "
                      "a .gif animation or a .png strip")
 
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdtorch.serve.server import build_parser as serve_parser
 
     serve_parser(sub.add_parser("serve", help="AUTOMATIC1111-compatible HTTP API, job queue and web page"))
+    from sdtorch.serve.cluster import add_worker_command
+
+    add_worker_command(sub)
     return parser
 
 
@@ -186,6 +191,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if getattr(args, "from_png", None):
         apply_infotext(args, args.argv)
+    if args.prompt is None and getattr(args, "condition", None):
+        args.prompt = ""
     if args.prompt is None:
         raise ValueError("give a prompt (or --from-png FILE)")
     apply_style_options(args)
@@ -289,8 +296,15 @@ def _request(args: argparse.Namespace, seed: int):
         deep_cache_branch=args.deep_cache_branch, tile_vae=args.tile_vae, attention_chunk=args.attention_chunk,
         seed_mode=args.seed_mode, subseed=-1 if args.subseed is None else args.subseed,
         subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
-        hires=_hires(args),
+        hires=_hires(args), condition=_condition(getattr(args, "condition", None)),
     ).validate()
+
+
+def _condition(path: str | None):
+    """A condition encoder's input from a .npy / .pt / .safetensors file (its single tensor)."""
+    from sdtorch.formats.files import read_tensor
+
+    return None if path is None else read_tensor(path).float()
 
 
 def _hires(args: argparse.Namespace):
@@ -338,7 +352,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     c = cfg.clip
     print(f"  text encoder: {cfg.clip_layout} layout, {c.layers} layers x {c.width}, clip skip {c.clip_skip}")
     print(f"  native size: {cfg.sample_size}x{cfg.sample_size}")
+    if ckpt.encoder_spec is not None:
+        e = ckpt.encoder_spec
+        count = sum(t.numel() for t in ckpt.encoder.values())
+        print(f"  condition encoder: {e.get('kind')} backbone, {e.get('tokens')} tokens x {e.get('dim')}, "
+              f"mode {e.get('mode')}, {count / 1e6:.2f}M (generate --condition FILE)")
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from sdtorch.serve.cluster import run_worker
+
+    return run_worker(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -357,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
         commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "attention": cmd_generate,
                     "edit": cmd_generate,
-                    "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train, "serve": _serve}
+                    "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train, "serve": _serve,
+                    "worker": _worker}
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:  # CheckpointError is a ValueError
         msg = str(e).strip() or type(e).__name__

@@ -198,17 +198,17 @@ def _jobs(app: FastAPI, service: Service) -> None:
         job = get_job(job_id)
         if not 0 <= n < job.images:
             raise HTTPException(404, f"job {job_id} has no image {n} (it has {job.images})")
-        return FileResponse(service.store.image_path(job_id, n), media_type="image/png",
-                            filename=f"{job_id[:8]}-{n}.png", content_disposition_type="inline")
+        return Response(service.store.image_bytes(job_id, n), media_type="image/png",
+                        headers={"Content-Disposition": f'inline; filename="{job_id[:8]}-{n}.png"'})
 
     @app.get("/v1/jobs/{job_id}/preview")
     def preview(job_id: str):
         job = get_job(job_id)
-        p = service.worker.progress
-        if p.job == job_id and p.preview is not None:
+        p = service.worker.progress_of(job_id)
+        if p is not None and p.preview is not None:
             return Response(p.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
         if job.state == "completed" and job.images:
-            return FileResponse(service.store.image_path(job_id, 0), media_type="image/png")
+            return Response(service.store.image_bytes(job_id, 0), media_type="image/png")
         raise HTTPException(404, "no preview yet")
 
     @app.delete("/v1/jobs/{job_id}")

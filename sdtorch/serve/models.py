@@ -133,3 +133,12 @@ class Models:
     @property
     def loaded(self) -> tuple[str, Pipeline] | None:
         return self._loaded
+
+
+def default_lora_dir(models_dir: str | None) -> Path | None:
+    if models_dir is None:
+        return None
+    for name in ("Lora", "lora", "loras"):
+        if (Path(models_dir) / name).is_dir():
+            return Path(models_dir) / name
+    return None

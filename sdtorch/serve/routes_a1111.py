@@ -35,7 +35,7 @@ def _generation(app: FastAPI, service: Service) -> None:
             return JSONResponse({"error": "GenerationError", "detail": reason, "errors": reason}, status_code=500)
         images = []
         if req.send_images:
-            images = [encode_png(service.store.image_path(job.id, n).read_bytes()) for n in range(job.images)]
+            images = [encode_png(service.store.image_bytes(job.id, n)) for n in range(job.images)]
         return {"images": images, "parameters": service.parameters(job), "info": job.info}
 
     @app.post("/sdapi/v1/txt2img")

@@ -39,6 +39,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed-mode", choices=("a1111", "diffusers"), default="a1111",
                    help="a1111 (default): image i of a batch from seed + i, as AUTOMATIC1111; diffusers: one "
                    "generator per batch, as `sdtorch generate`'s default")
+    p.add_argument("--queue", metavar="redis://HOST:PORT/DB", default=None,
+                   help="run as a cluster's API node: jobs go to `sdtorch worker`s through this Redis (no model "
+                        "is loaded here)")
+    p.add_argument("--results-dir", default=None, help="with --queue: a folder shared with the workers for the "
+                   "images (default: in Redis)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -68,7 +73,8 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         preview_every=args.preview_every,
         preview=args.preview, dtype=args.dtype, auth=_auth(args.api_auth),
-        limits=a1111.Limits(max_pixels=args.max_pixels, max_steps=args.max_steps))
+        limits=a1111.Limits(max_pixels=args.max_pixels, max_steps=args.max_steps), queue=args.queue,
+        results_dir=args.results_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.auth:
         print(f"sdtorch: WARNING: serving on {args.host} without --api-auth: anyone who can reach this "
               "machine can use it", file=sys.stderr, flush=True)
@@ -76,7 +82,8 @@ def serve(args: argparse.Namespace) -> int:
     if service.recovered:
         print(f"sdtorch: {len(service.recovered)} job(s) interrupted by the last shutdown will run again",
               file=sys.stderr, flush=True)
-    service.models.get(service.options["sd_model_checkpoint"])  # load before saying ready
+    if not service.clustered:
+        service.models.get(service.options["sd_model_checkpoint"])  # load before saying ready
     app = create_app(service)
 
     class Server(uvicorn.Server):

@@ -11,7 +11,7 @@ from pathlib import Path
 from sdtorch.conditioning.styles import read_styles
 from sdtorch.generate import RequestError
 from sdtorch.serve import a1111
-from sdtorch.serve.models import Models
+from sdtorch.serve.models import Models, default_lora_dir
 from sdtorch.serve.store import FINISHED, Job, Store
 from sdtorch.serve.worker import Worker
 
@@ -74,26 +74,46 @@ class Settings:
     limits: a1111.Limits = a1111.Limits()
     auth: tuple[tuple[str, str], ...] = ()
     max_body: int = 20 * 1024 * 1024
+    queue: str | None = None  # redis://...: a cluster's API node (sdtorch.serve.cluster); None: one machine
+    results_dir: str | None = None  # cluster: a shared folder for the images (default: in Redis)
 
 
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = Store(settings.data_dir)
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        self.store = self._store(settings)
         self.recovered = self.store.recover()
-        lora_dir = Path(settings.lora_dir) if settings.lora_dir else _default_lora_dir(settings.models_dir)
+        lora_dir = Path(settings.lora_dir) if settings.lora_dir else default_lora_dir(settings.models_dir)
         self.models = Models(settings.checkpoint, settings.models_dir, cache_dir=settings.data_dir, dtype=settings.dtype,
                              lora_dir=lora_dir, embeddings_dir=Path(settings.embeddings_dir) if settings.embeddings_dir else None)
         self.styles = read_styles(settings.styles_file) if settings.styles_file else {}
         self.options = {"sd_model_checkpoint": self.models.default, "CLIP_stop_at_last_layers": 1}
         self.hub = Hub()
-        self.worker = Worker(self.store, self.models, self.options, settings.limits,
-                             preview_every=settings.preview_every, preview_mode=settings.preview,
-                             publish=self.hub.publish)
+        if settings.queue:  # the jobs run on `sdtorch worker`s: route, relay, re-queue
+            from sdtorch.serve.cluster import Dispatcher
+
+            self.worker = Dispatcher(self.store, settings.queue, self.hub.publish)
+        else:
+            self.worker = Worker(self.store, self.models, self.options, settings.limits,
+                                 preview_every=settings.preview_every, preview_mode=settings.preview,
+                                 publish=self.hub.publish)
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._wlock = threading.Lock()
         self.worker.on_finish = self._finished
         self.worker.styles, self.worker.seed_mode = self.styles, settings.seed_mode
+
+    @staticmethod
+    def _store(settings: Settings):
+        if settings.queue:
+            from sdtorch.serve.redis_store import RedisStore
+
+            return RedisStore(settings.queue, results=settings.results_dir)
+        return Store(settings.data_dir)
+
+    @property
+    def clustered(self) -> bool:
+        return self.settings.queue is not None
 
     def start(self) -> None:
         self.worker.start()
@@ -121,7 +141,7 @@ class Service:
         job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
         if job is None:
             raise QueueFull(self.retry_after())
-        self.worker.notify()
+        self.worker.dispatch(job)
         return job
 
     def parameters(self, job: Job) -> dict:
@@ -134,7 +154,8 @@ class Service:
         loaded = self.models.loaded
         if loaded is not None and loaded[0] == title:
             return loaded[1].config.sample_size, loaded[1].vae.downscale
-        return 512, 8  # checked again, exactly, when the model is loaded
+        known = getattr(self.worker, "geometry", lambda title: None)(title)  # a cluster's workers say
+        return known or (512, 8)  # checked again, exactly, when the model is loaded
 
     def _lora_exists(self, name: str) -> None:
         from sdtorch.adapters.lora import resolve_lora
@@ -177,8 +198,8 @@ class Service:
     # ------------------------------------------------------------------------ reporting
 
     def public(self, job: Job, base: str = "") -> dict:
-        p = self.worker.progress
-        running = job.state == "running" and p.job == job.id
+        p = self.worker.progress_of(job.id)
+        running = job.state == "running" and p is not None
         steps = p.steps if running else job.request["body"].get("steps", 50)
         step = p.step if running else (steps if job.state == "completed" else 0)
         return {"id": job.id, "kind": job.kind, "state": job.state, "position": self.store.position(job),
@@ -186,13 +207,5 @@ class Service:
                 "eta_s": p.eta_s if running else None, "error": job.error,
                 "images": [f"{base}/v1/jobs/{job.id}/images/{n}" for n in range(job.images)],
                 "info": job.info, "request": job.request["body"], "model": job.model,
-                "created": job.created, "started": job.started, "finished": job.finished}
-
-
-def _default_lora_dir(models_dir: str | None) -> Path | None:
-    if models_dir is None:
-        return None
-    for name in ("Lora", "lora", "loras"):
-        if (Path(models_dir) / name).is_dir():
-            return Path(models_dir) / name
-    return None
+                "created": job.created, "started": job.started, "finished": job.finished,
+                **({"worker": job.worker, "attempts": job.attempts} if job.worker else {})}

@@ -62,6 +62,9 @@ class Job:
     attempts: int
     completions: int
     cancel: bool
+    worker: str | None = None  # cluster: the worker running it (or that ran it)
+    attempt: int = 0  # cluster: the attempt whose images are the job's
+    queue: str = ""  # cluster: the broker queue it was sent to
 
 
 class Store:
@@ -200,6 +203,9 @@ class Store:
 
     def image_path(self, job_id: str, n: int) -> Path:
         return self.image_dir(job_id) / f"{n:05d}.png"
+
+    def image_bytes(self, job_id: str, n: int) -> bytes:
+        return self.image_path(job_id, n).read_bytes()
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -78,6 +78,9 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="sdtorch-worker", daemon=True)
         self._previewers: dict[int, Callable] = {}
         self.on_finish: Callable[[str], None] = lambda job_id: None  # called with every finished job id
+        # Cluster workers read cancel / interrupt / skip from the shared store at every step
+        # (`RedisStore.controls`); the local worker is told directly by the routes.
+        self.poll_controls = False
 
     def start(self) -> None:
         """Run the loop in a thread of its own (tests, notebooks). `sdtorch serve` runs it in the
@@ -92,6 +95,13 @@ class Worker:
     def notify(self) -> None:
         with self._wake:
             self._wake.notify_all()
+
+    def dispatch(self, job: Job) -> None:
+        """A job was queued: wake the loop (a cluster's dispatcher sends it to a worker instead)."""
+        self.notify()
+
+    def progress_of(self, job_id: str) -> Progress | None:
+        return self.progress if self.progress.job == job_id else None
 
     def request_stop(self) -> None:
         """Stop after the running step (the running job goes back to the queue); returns at once."""
@@ -199,6 +209,8 @@ class Worker:
 
         def on_step(step: int, total: int, latents) -> None:
             p.batch_step, p.step = step, offset + step
+            if self.poll_controls:
+                self._poll(job.id)
             preview = None
             if self.preview_every and (step % self.preview_every == 0 or step == total):
                 preview = self._preview(pipe, latents)
@@ -206,6 +218,15 @@ class Worker:
             self._event(job.id, "running", p.step, p.steps, preview=preview)
 
         return on_step
+
+    def _poll(self, job_id: str) -> None:
+        cancel, signal = self.store.controls(job_id)
+        if cancel:
+            self.progress.token.cancel()
+        elif signal == "interrupt":
+            self.interrupt()
+        elif signal == "skip":
+            self.skip()
 
     def _preview(self, pipe, latents) -> bytes:
         key = id(pipe)
@@ -218,8 +239,13 @@ class Worker:
 
     def _event(self, job_id: str, state: str, step: int, steps: int, *, preview: bytes | None = None,
                images: int | None = None) -> None:
+        p = self.progress
         event = {"id": job_id, "state": state, "step": step, "steps": steps,
-                 "eta_s": self.progress.eta_s if state == "running" else None}
+                 "eta_s": p.eta_s if state == "running" else None}
+        if state == "running":  # what a cluster's API node rebuilds its progress from
+            event |= {"batch": p.batch, "batches": p.batches, "batch_step": p.batch_step,
+                      "batch_steps": p.batch_steps, "interrupted": p.interrupted, "skipped": p.skipped,
+                      "timestamp": p.timestamp}
         if preview is not None:
             import base64
 
