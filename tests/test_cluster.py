@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,18 +58,34 @@ def r(redis_url):
     return client
 
 
+MODELS: dict[str, str] = {}  # worker name -> the checkpoint it loads at start
+
+
 def _worker(url: str, name: str):
-    return start(["-m", "sdtorch.cli", "worker", "--queue", url, "--name", name, "--threads", "1", "--lease", str(LEASE)],
-                 ready=WORKER_READY, env={"OMP_NUM_THREADS": "1"})
+    models = Path(MODELS[name]).parent
+    return start(["-m", "sdtorch.cli", "worker", "--queue", url, "--name", name, "--threads", "1", "--lease", str(LEASE),
+                  "--checkpoint", MODELS[name], "--models-dir", str(models)],
+                 timeout=180, ready=WORKER_READY, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
 def cluster(redis_url, tmp_path_factory):
+    """The API node and three workers sharing a models folder of two checkpoints: w1 and w2 start
+    with emoji.safetensors (the built-in model), w3 with other.safetensors (the same weights under
+    another name: another model to the server)."""
     import redis
 
+    from sdtorch.generate.loading import BUILTIN
+
     redis.Redis.from_url(redis_url).flushdb()
+    models = tmp_path_factory.mktemp("models")
+    for name in ("emoji.safetensors", "other.safetensors"):
+        shutil.copy(BUILTIN, models / name)
+    MODELS.update(w1=str(models / "emoji.safetensors"), w2=str(models / "emoji.safetensors"),
+                  w3=str(models / "other.safetensors"))
     api = start(["-m", "sdtorch.cli", "serve", "--queue", redis_url, "--port", str(free_port()),
-                 "--data-dir", str(tmp_path_factory.mktemp("api"))])
+                 "--data-dir", str(tmp_path_factory.mktemp("api")), "--checkpoint", MODELS["w1"],
+                 "--models-dir", str(models)], timeout=180)
     workers = {name: _worker(redis_url, name) for name in ("w1", "w2", "w3")}
     yield api.url, workers, redis_url
     for p in [api, *workers.values()]:
@@ -210,3 +227,36 @@ def test_cancel_reaches_the_worker_running_the_job(cluster, r):
     wait_for(lambda: get_json(f"{url}/v1/jobs/{after['id']}")["state"] == "completed", 60, "the next job")
     progress = get_json(f"{url}/sdapi/v1/progress")
     assert progress["state"]["job_count"] == 0
+
+
+def _advert(r, name: str) -> dict:
+    raw = r.get(f"sdtorch:worker:{name}")
+    return json.loads(raw) if raw else {}
+
+
+def test_jobs_go_to_a_free_worker_with_their_model_else_one_loads_it(cluster, r):
+    url, _, _ = cluster
+    wait_for(lambda: all(_advert(r, w).get("loaded") and not _advert(r, w).get("busy") for w in ("w1", "w2", "w3")),
+             60, "three idle workers")
+    other = next(m["title"] for m in get_json(f"{url}/sdapi/v1/sd-models") if m["model_name"] == "other")
+    assert _advert(r, "w3")["loaded"] == other
+
+    def submit(steps: int, seed: int) -> str:
+        body = {"prompt": "sun", "steps": steps, "seed": seed, "override_settings": {"sd_model_checkpoint": other}}
+        return post_json(f"{url}/v1/jobs", {"kind": "txt2img", "request": body})["id"]
+
+    def finished(job_id: str) -> dict:
+        return wait_for(lambda: (j := get_json(f"{url}/v1/jobs/{job_id}"))["state"] in ("completed", "failed") and j,
+                        120, "the job")
+
+    first = finished(submit(4, 1))  # w3 is free and has the model: its own queue
+    assert first["state"] == "completed" and first["worker"] == "w3" and first["model"] == other
+    assert _job(r, first["id"])["queue"] == "sdtorch.worker.w3"
+    busy = submit(150, 2)  # keeps w3 busy ...
+    wait_for(lambda: get_json(f"{url}/v1/jobs/{busy}")["state"] == "running", 60, "w3 busy")
+    second = finished(submit(4, 3))  # ... so the next one goes to the shared queue and w1 or w2 loads the model
+    assert second["state"] == "completed" and second["worker"] in ("w1", "w2")
+    assert _job(r, second["id"])["queue"] == "sdtorch"
+    assert _advert(r, second["worker"])["loaded"] == other
+    request("DELETE", f"{url}/v1/jobs/{busy}")
+    wait_for(lambda: get_json(f"{url}/v1/jobs/{busy}")["state"] == "canceled", 60, "the busy job canceled")

@@ -204,11 +204,17 @@ def derangement(n: int, seed: int) -> torch.Tensor:
             return p
 
 
-def evaluate(pipe, measurements: torch.Tensor, seen: torch.Tensor, cfg: DemoConfig, progress: bool = True) -> dict:
-    """n-way top-1 of decoded images, of decoding shuffled measurements, and the measure's
-    ceiling (the seen images after a VAE round trip); seen (N, 3, H, W) in [0, 1]."""
+def evaluate(pipe, measurements: torch.Tensor, seen: torch.Tensor, cfg: DemoConfig, progress: bool = True,
+             other_subject: torch.Tensor | None = None) -> dict:
+    """n-way top-1 of decoded images, of decoding shuffled measurements, of decoding another
+    subject's scans of the same images (when given), and the measure's ceiling (the seen images
+    after a VAE round trip); seen (N, 3, H, W) in [0, 1]."""
     decoded = decode(pipe, measurements, cfg, cfg.seed, progress=progress)
     shuffled = decode(pipe, measurements[derangement(len(measurements), cfg.seed + 1)], cfg, cfg.seed, progress=progress)
+    other = {}
+    if other_subject is not None:
+        other["other_subject"] = n_way_top1(decode(pipe, other_subject, cfg, cfg.seed, progress=progress), seen,
+                                            cfg.ways, cfg.seed)
     with torch.no_grad():
         vae = pipe.vae
         rt = vae.decode(vae.encode(seen.to(pipe.dtype) * 2 - 1).mean).float().clamp(-1, 1) / 2 + 0.5
@@ -220,6 +226,7 @@ def evaluate(pipe, measurements: torch.Tensor, seen: torch.Tensor, cfg: DemoConf
         "decoded": n_way_top1(decoded, seen, w, cfg.seed),
         "shuffled": n_way_top1(shuffled, seen, w, cfg.seed),
         "vae_round_trip": n_way_top1(rt, seen, w, cfg.seed),
+        **other,
     }, decoded
 
 
@@ -271,7 +278,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     pipe = sdtorch.load(model)
     seen = torch.stack([images.get(i)["image"] for i in test]) / 2 + 0.5
-    results, decoded = evaluate(pipe, scans[test], seen, cfg, progress=progress)
+    other = SimulatedScanner(ScannerConfig(subject=cfg.subject + 1))(seen * 2 - 1, test)  # the same images, another map
+    results, decoded = evaluate(pipe, scans[test], seen, cfg, progress=progress, other_subject=other)
     results |= {"subject": cfg.subject, "train_images": len(train_idx), "ae_steps": cfg.ae_steps,
                 "unet_steps": cfg.unet_steps, "similarity": "pixcorr 16x16", "sampler": cfg.sampler,
                 "sampling_steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "model": str(model)}
@@ -312,14 +320,20 @@ def picture(pipe, scans: torch.Tensor, test: list[int], seen: torch.Tensor, cfg:
 
     from sdtorch.generate.output import to_pil
 
-    cell = 64
+    from PIL import ImageDraw
+
+    cell, top = 64, 16
     picked = list(range(0, len(test), max(1, len(test) // rows)))[:rows]
-    sheet = Image.new("RGB", ((1 + slices + samples) * (cell + 4) + 8, len(picked) * (cell + 4)), "white")
+    sheet = Image.new("RGB", ((1 + slices + samples) * (cell + 4) + 8, top + len(picked) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    depth = scans.shape[1]
+    for x, label in ((0, "seen"), (cell + 8, f"scan: slices {', '.join(str(s * depth // slices) for s in range(slices))}"),
+                     ((1 + slices) * (cell + 4) + 8, f"decoded from the scan ({samples} seeds)")):
+        draw.text((x + 2, 2), label, fill="black")
     for r, k in enumerate(picked):
         m = scans[test[k]]
-        y = r * (cell + 4)
+        y = top + r * (cell + 4)
         sheet.paste(to_pil(seen[k:k + 1])[0], (0, y))
-        depth = m.shape[0]
         for s in range(slices):
             sl = m[s * depth // slices]
             grey = ((sl - sl.min()) / (sl.max() - sl.min() + 1e-8) * 255).byte().numpy()
