@@ -130,6 +130,20 @@ def test_store_rules_hold_across_processes(redis_url, r):
     assert a.requeue_expired(q.id) == 2 and a.get(q.id).state == "canceled"  # dead owner + cancel: canceled
 
 
+def test_images_in_a_shared_folder(redis_url, r, tmp_path):
+    """--results-dir: the worker writes the PNGs into a folder the API node reads (not into Redis)."""
+    from sdtorch.serve.redis_store import RedisStore
+
+    worker = RedisStore(redis_url, worker="w", results=tmp_path)
+    api = RedisStore(redis_url, results=tmp_path)
+    job = api.add("txt2img", "m", {"body": {}})
+    assert worker.claim_id(job.id) is not None
+    worker.save_image(job.id, 0, b"png-bytes")
+    assert worker.complete(job.id, 1, "{}")
+    assert api.image_bytes(job.id, 0) == b"png-bytes"
+    assert list(tmp_path.rglob("*.png")) and not list(r.scan_iter("sdtorch:image:*"))
+
+
 def test_thirty_jobs_from_six_clients_once_each_with_a_worker_killed(cluster, r):
     import webuiapi
 

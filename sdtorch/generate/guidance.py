@@ -27,7 +27,7 @@ class TextConditions:
 
 def conditions(pipe, params, concat: torch.Tensor | None) -> TextConditions:
     """The run's cond / uncond pair (or schedules): from the condition encoder or from text."""
-    encoder = getattr(pipe, "condition_encoder", None)
+    encoder = pipe.condition_encoder
     if params.condition is None:
         if encoder is not None and encoder.mode == "replace":
             raise RequestError("condition", "this model is conditioned by its condition encoder, not by text: "

@@ -342,10 +342,3 @@ def run_worker(args: argparse.Namespace) -> int:
         stop.set()
         store.r.delete(f"{NS}worker:{name}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sdtorch worker")
-    add_worker_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["worker", *(sys.argv[1:] if argv is None else argv)])
-    return run_worker(args)

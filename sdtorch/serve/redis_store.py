@@ -184,14 +184,6 @@ class RedisStore:
         self._attempts[job_id] = attempt
         return self.get(job_id)
 
-    def claim(self) -> Job | None:
-        """The oldest pending job (the local worker loop's way; cluster workers get ids from the broker)."""
-        for job_id in self.r.zrange(NS + "pending", 0, 0):
-            job = self.claim_id(job_id.decode())
-            if job is not None:
-                return job
-        return None
-
     def renew(self, job_id: str) -> bool:
         return bool(self._scripts["renew"](keys=[self._job_key(job_id), self._lease_key(job_id)],
                                            args=[self.worker, self.lease_ms]))

@@ -154,8 +154,7 @@ class Service:
         loaded = self.models.loaded
         if loaded is not None and loaded[0] == title:
             return loaded[1].config.sample_size, loaded[1].vae.downscale
-        known = getattr(self.worker, "geometry", lambda title: None)(title)  # a cluster's workers say
-        return known or (512, 8)  # checked again, exactly, when the model is loaded
+        return self.worker.geometry(title) or (512, 8)  # checked again, exactly, when the model is loaded
 
     def _lora_exists(self, name: str) -> None:
         from sdtorch.adapters.lora import resolve_lora

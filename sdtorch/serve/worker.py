@@ -103,6 +103,10 @@ class Worker:
     def progress_of(self, job_id: str) -> Progress | None:
         return self.progress if self.progress.job == job_id else None
 
+    def geometry(self, title: str) -> tuple[int, int] | None:
+        """(native size, VAE downscale) of a model, when known without loading it (here: never)."""
+        return None
+
     def request_stop(self) -> None:
         """Stop after the running step (the running job goes back to the queue); returns at once."""
         self._stopping.set()

@@ -68,11 +68,11 @@ def held_out(n: int) -> list[int]:
     return [i for i in range(n) if i % 19 == 7]
 
 
-def scan_all(dataset, scanner: SimulatedScanner, chunk: int = 256) -> torch.Tensor:
-    """One scan of every image of `dataset` (scan seed = index): (N, D, n, n) float32."""
+def scan_all(dataset, scanner: SimulatedScanner, n: int, chunk: int = 256) -> torch.Tensor:
+    """One scan of each of the first `n` images of `dataset` (scan seed = index): (n, D, s, s) float32."""
     out = []
-    for start in range(0, len(dataset), chunk):
-        idx = list(range(start, min(start + chunk, len(dataset))))
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(start + chunk, n)))
         images = torch.stack([dataset.get(i)["image"] for i in idx])
         out.append(scanner(images, idx))
     return torch.cat(out)
@@ -253,7 +253,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     test = held_out(n)
     train_idx = [i for i in range(n) if i not in set(test)]
     scanner = SimulatedScanner(ScannerConfig(subject=cfg.subject))
-    scans = scan_all(_Prefix(images, n), scanner)
+    scans = scan_all(images, scanner, n)
     torch.save({"scans": scans, "held_out": test, "scanner": asdict(scanner.cfg)}, out / "scans.pt")
 
     ae_cfg = VoxelAEConfig(depth=scanner.cfg.depth, size=scanner.cfg.size)
@@ -287,19 +287,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     _write_examples(out, scans, test, images)
     picture(pipe, scans, test, seen, cfg).save(out / "decoding.png")
     return results
-
-
-class _Prefix:
-    """The first n items of a dataset."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, i: int, epoch: int = 0) -> dict:
-        return self.dataset.get(i, epoch)
 
 
 def _write_examples(out: Path, scans: torch.Tensor, test: list[int], images, count: int = 8) -> None:
