@@ -7,7 +7,7 @@ Vary a preset with `dataclasses.replace`, never by mutation.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 Prediction = Literal["eps", "v"]
@@ -27,8 +27,13 @@ class ClipConfig:
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 49407  # SD1 pads with <end>; SD2 (OpenCLIP tokenizer) pads with "!" = 0
     # Which hidden state conditions the UNet, counted from the end as in A1111's "clip skip":
-    # 1 = last layer (SD1), 2 = penultimate (SD2). The final layer norm is applied either way.
+    # 1 = last layer (SD1), 2 = penultimate (SD2, SDXL).
     clip_skip: int = 1
+    # Whether the final layer norm is applied to that hidden state: SD1/SD2 (and A1111's clip skip)
+    # do; SDXL conditions on the penultimate layer's raw output.
+    final_norm: bool = True
+    # Width of `text_projection` (pooled output, SDXL's OpenCLIP bigG: 1280); 0 = none.
+    projection_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,19 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get attention
     num_heads: int = 8  # SD1: fixed head count
     num_head_channels: int = -1  # SD2: fixed head width (64); -1 = use num_heads
-    transformer_depth: int = 1
-    context_dim: int = 768  # text-encoder width
+    transformer_depth: int | tuple[int, ...] = 1  # per level (SDXL: 1, 2, 10); the middle block takes the last
+    context_dim: int = 768  # text-encoder width (SDXL: both encoders' widths concatenated)
     use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear, not 1x1 Conv
     norm_groups: int = 32
     dropout: float = 0.0
+    # Width of the added vector embedding `label_emb` (SGM's `adm_in_channels`, `num_classes:
+    # sequential`): SDXL's pooled text + Fourier features of its size conditions; 0 = none.
+    adm_in_channels: int = 0
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks per attention layer at `level` (-1: the middle block)."""
+        d = self.transformer_depth
+        return d if isinstance(d, int) else d[level]
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,15 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction: Prediction = "eps"
-    clip_layout: Literal["hf", "openclip"] = "hf"  # how the text encoder is stored on disk
+    # How the text encoders are stored in single files (the family, `sdtorch.families`).
+    clip_layout: Literal["hf", "openclip", "sdxl", "sdxl-refiner"] = "hf"
     sample_size: int = 512  # native image size in pixels
+    clip2: ClipConfig | None = None  # a second text encoder (SDXL: OpenCLIP bigG beside CLIP ViT-L)
+    # SDXL's micro-conditioning: what follows the pooled text in the UNet's vector, each value
+    # embedded by `micro_dim` Fourier features ("original_size", "crop", "target_size" or
+    # "aesthetic_score"; sizes are (h, w) pairs).
+    micro: tuple[str, ...] = ()
+    micro_dim: int = 256
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +129,9 @@ class ModelConfig:
             prediction=d["prediction"],
             clip_layout=d["clip_layout"],
             sample_size=d["sample_size"],
+            clip2=ClipConfig(**tup(d["clip2"])) if d.get("clip2") else None,  # absent in older files
+            micro=tuple(d.get("micro", ())),
+            micro_dim=d.get("micro_dim", 256),
         )
 
 
@@ -168,4 +191,75 @@ EMOJI = ModelConfig(
     sample_size=64,
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_BASE, TINY, EMOJI)}
+# SDXL (sd_xl_base.yaml / sd_xl_refiner.yaml; diffusers' stable-diffusion-xl-base-1.0 configs).
+SDXL_CLIP_L = ClipConfig(clip_skip=2, final_norm=False)  # CLIP ViT-L/14, penultimate layer, no final norm
+SDXL_CLIP_G = ClipConfig(  # OpenCLIP ViT-bigG/14: penultimate layer, pooled output through text_projection
+    width=1280, layers=32, heads=20, act="gelu", pad_token_id=0, clip_skip=2, final_norm=False, projection_dim=1280
+)
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+SDXL_SCHEDULE = ScheduleConfig()  # EulerDiscrete in diffusers; the same training betas as SD 1/2
+SDXL = ModelConfig(
+    name="sdxl",
+    clip=SDXL_CLIP_L,
+    clip2=SDXL_CLIP_G,
+    unet=UNetConfig(
+        channel_mult=(1, 2, 4),
+        attention_resolutions=(4, 2),
+        num_heads=-1,
+        num_head_channels=64,
+        transformer_depth=(1, 2, 10),
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        adm_in_channels=2816,  # 1280 pooled + 6 x 256
+    ),
+    vae=SDXL_VAE,
+    clip_layout="sdxl",
+    sample_size=1024,
+    micro=("original_size", "crop", "target_size"),
+)
+SDXL_REFINER = ModelConfig(
+    name="sdxl-refiner",
+    clip=SDXL_CLIP_G,
+    unet=UNetConfig(
+        model_channels=384,
+        channel_mult=(1, 2, 4, 4),
+        attention_resolutions=(4, 2),
+        num_heads=-1,
+        num_head_channels=64,
+        transformer_depth=4,
+        context_dim=1280,
+        use_linear_in_transformer=True,
+        adm_in_channels=2560,  # 1280 pooled + 5 x 256
+    ),
+    vae=SDXL_VAE,
+    clip_layout="sdxl-refiner",
+    sample_size=1024,
+    micro=("original_size", "crop", "aesthetic_score"),
+)
+
+# SDXL in miniature (3 levels, transformer depth varying per level, two text encoders of width 32).
+TINY_XL = ModelConfig(
+    name="tiny-xl",
+    clip=replace(TINY.clip, layers=3, clip_skip=2, final_norm=False),
+    clip2=replace(TINY.clip, layers=3, act="gelu", pad_token_id=0, clip_skip=2, final_norm=False, projection_dim=32),
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4, 2),
+        num_heads=-1,
+        num_head_channels=16,
+        transformer_depth=(1, 1, 2),
+        context_dim=64,
+        use_linear_in_transformer=True,
+        norm_groups=8,
+        adm_in_channels=32 + 6 * 8,
+    ),
+    vae=replace(TINY.vae, scaling_factor=0.13025),
+    clip_layout="sdxl",
+    sample_size=64,
+    micro=("original_size", "crop", "target_size"),
+    micro_dim=8,
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_BASE, TINY, EMOJI, SDXL, SDXL_REFINER)}

@@ -16,34 +16,69 @@ PREFIXES = {
     "vae": "first_stage_model.",
     "clip": "cond_stage_model.transformer.",  # SD1: Hugging Face CLIPTextModel names
     "openclip": "cond_stage_model.model.",  # SD2: OpenCLIP names
+    "sgm": "conditioner.embedders.",  # SDXL (Stability's sgm): one entry per text encoder, below
 }
 
 
 @dataclass(frozen=True)
+class TextSlot:
+    """One text encoder of a family: how single files store it, where, and how it is read."""
+
+    layout: Literal["hf", "openclip"]  # Hugging Face CLIPTextModel names, or OpenCLIP's
+    prefix: str  # its key prefix in single files
+    act: str  # its MLP activation
+    pad_token_id: int  # what its tokenizer pads with
+    clip_skip: int  # A1111's default: 1 = last layer, 2 = penultimate
+    final_norm: bool = True  # whether the final layer norm is applied to that layer
+    pooled: bool = False  # whether its pooled output (through text_projection) conditions the UNet
+
+
+# SDXL's micro-conditioning: how many numbers each condition is (each embedded by micro_dim features).
+MICRO_VALUES = {"original_size": 2, "crop": 2, "target_size": 2, "aesthetic_score": 1}
+
+_CLIP_L = dict(layout="hf", act="quick_gelu", pad_token_id=49407)
+_OPENCLIP = dict(layout="openclip", act="gelu", pad_token_id=0)
+
+
+@dataclass(frozen=True)
 class Family:
-    """One model family: how its text encoder is stored and what it defaults to."""
+    """One model family: how its text encoders are stored and what it defaults to."""
 
     name: str
     label: str  # for people (`sdtorch info`)
-    text_layout: Literal["hf", "openclip"]  # how the text encoder is stored in single files
-    text_prefix: str  # its key prefix there
+    layout: str  # `ModelConfig.clip_layout` of its models
+    text: tuple[TextSlot, ...]  # its text encoders, in the order their states are concatenated
     context_dim: int  # text-encoder width the UNet cross-attends to
-    clip_skip: int  # A1111's default: 1 = last layer, 2 = penultimate
     latent_scale: float  # VAE latent scaling factor
     kohya_base: str  # kohya's `ss_base_model_version` of LoRAs trained on it
-    text_act: str  # the text encoder's MLP activation
-    pad_token_id: int  # what its tokenizer pads with
-    v_hint: str | None  # a UNet key whose spread tells v- from eps-prediction files (ComfyUI's rule), if any
+    v_hint: str | None = None  # a UNet key whose spread tells v- from eps-prediction files (ComfyUI's rule)
+    model_channels: int = 320  # of its real UNets (anything else is a custom model of the layout)
+    # An empty negative prompt conditions on zeros (SDXL base: diffusers' force_zeros_for_empty_prompt, A1111)
+    zero_negative: bool = False
+    micro: tuple[str, ...] = ()  # its micro-conditioning (`ModelConfig.micro`)
+
+    @property
+    def text_layout(self) -> str:
+        return self.text[0].layout
+
+    @property
+    def text_prefix(self) -> str:
+        return self.text[0].prefix
 
 
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "SD 1.x", "hf", PREFIXES["clip"], 768, 1, 0.18215, "sd_v1", "quick_gelu", 49407, None),
-    "sd2": Family("sd2", "SD 2.x", "openclip", PREFIXES["openclip"], 1024, 2, 0.18215, "sd_v2", "gelu", 0,
-                  "output_blocks.11.1.transformer_blocks.0.norm1.bias"),
+    "sd1": Family("sd1", "SD 1.x", "hf", (TextSlot(prefix=PREFIXES["clip"], clip_skip=1, **_CLIP_L),), 768, 0.18215,
+                  "sd_v1"),
+    "sd2": Family("sd2", "SD 2.x", "openclip", (TextSlot(prefix=PREFIXES["openclip"], clip_skip=2, **_OPENCLIP),),
+                  1024, 0.18215, "sd_v2", "output_blocks.11.1.transformer_blocks.0.norm1.bias"),
+    "sdxl": Family("sdxl", "SDXL", "sdxl", (
+        TextSlot(prefix=PREFIXES["sgm"] + "0.transformer.", clip_skip=2, final_norm=False, **_CLIP_L),
+        TextSlot(prefix=PREFIXES["sgm"] + "1.model.", clip_skip=2, final_norm=False, pooled=True, **_OPENCLIP),
+    ), 2048, 0.13025, "sdxl_base_v1-0", zero_negative=True, micro=("original_size", "crop", "target_size")),
+    "sdxl-refiner": Family("sdxl-refiner", "SDXL refiner", "sdxl-refiner", (
+        TextSlot(prefix=PREFIXES["sgm"] + "0.model.", clip_skip=2, final_norm=False, pooled=True, **_OPENCLIP),
+    ), 1280, 0.13025, "sdxl_refiner_v1-0", model_channels=384, micro=("original_size", "crop", "aesthetic_score")),
 }
-
-# UNet input channels -> the image conditioning the UNet takes beside its latents.
-CONCAT: dict[int, str] = {4: "", 9: "inpainting"}  # 9 = latents + mask + masked-image latents
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -53,7 +88,16 @@ def family_of(cfg: ModelConfig) -> Family:
 
 
 def family_by_layout(layout: str) -> Family:
-    return next(f for f in FAMILIES.values() if f.text_layout == layout)
+    return next(f for f in FAMILIES.values() if f.layout == layout)
+
+
+def text_configs(cfg: ModelConfig) -> list:
+    """The config's text encoders (`ClipConfig`s) in the family's order."""
+    return [cfg.clip] if cfg.clip2 is None else [cfg.clip, cfg.clip2]
+
+
+# UNet input channels -> the image conditioning the UNet takes beside its latents.
+CONCAT: dict[int, str] = {4: "", 9: "inpainting"}  # 9 = latents + mask + masked-image latents
 
 
 def concat_kind(cfg: ModelConfig) -> str:
@@ -68,7 +112,7 @@ def describe(cfg: ModelConfig) -> str:
     """A one-line name for what a config is: 'SD 1.x', 'SD 2.x inpainting', 'custom (emoji)'."""
     family = family_of(cfg)
     label = family.label
-    if cfg.unet.context_dim != family.context_dim or cfg.unet.model_channels != 320:
+    if cfg.unet.context_dim != family.context_dim or cfg.unet.model_channels != family.model_channels:
         label = f"custom ({cfg.name})"
     kind = concat_kind(cfg)
     return f"{label} {kind}".strip()

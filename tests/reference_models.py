@@ -36,6 +36,29 @@ MODEL_INDEX = {
 }
 
 
+# SDXL folders: base (two text encoders) and refiner (the second only), as diffusers writes them.
+SDXL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SDXL_REFINER_INDEX = SDXL_INDEX | {
+    "_class_name": "StableDiffusionXLImg2ImgPipeline",
+    "force_zeros_for_empty_prompt": False,
+    "requires_aesthetics_score": True,
+    "text_encoder": [None, None],
+    "tokenizer": [None, None],
+}
+
+
 @dataclass(frozen=True)
 class Reference:
     """A preset's random-weight reference: diffusers folder + original-layout single file."""
@@ -53,28 +76,36 @@ def build_reference_folder(preset: ModelConfig, folder: str | Path, seed: int = 
     saving, so a full-size preset never holds more than one model in memory. The scheduler is
     SD's PNDM default (v_prediction for v models); no safety checker.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
     cfgs = diffusers_configs(preset)
     builders = {
         "unet": lambda: UNet2DConditionModel(**cfgs["unet"]),
         "vae": lambda: AutoencoderKL(**cfgs["vae"]),
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfgs["text_encoder"])),
     }
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in cfgs:
+            cls = CLIPTextModelWithProjection if "projection_dim" in cfgs[name] else CLIPTextModel
+            builders[name] = lambda cls=cls, name=name: cls(CLIPTextConfig(**cfgs[name]))
     for k, (name, build) in enumerate(builders.items()):
         torch.manual_seed(seed + k)
         model = build()
         model.save_pretrained(folder / name)
         del model
         gc.collect()
-    PNDMScheduler.from_config(cfgs["scheduler"]).save_pretrained(folder / "scheduler")
-    pad_token = "!" if preset.clip.pad_token_id == 0 else "<|endoftext|>"
-    write_hf_tokenizer(folder / "tokenizer", pad_token=pad_token)
+    sdxl = preset.clip_layout.startswith("sdxl")
+    scheduler = EulerDiscreteScheduler if sdxl else PNDMScheduler
+    scheduler.from_config(cfgs["scheduler"]).save_pretrained(folder / "scheduler")
+    for name, clip in (("text_encoder", preset.clip), ("text_encoder_2", preset.clip2 or preset.clip)):
+        if name in cfgs:
+            write_hf_tokenizer(folder / name.replace("text_encoder", "tokenizer"),
+                               pad_token="!" if clip.pad_token_id == 0 else "<|endoftext|>")
     import diffusers
 
-    index = MODEL_INDEX | {"_diffusers_version": diffusers.__version__}  # the inpainting loader reads it
+    index = {"sdxl": SDXL_INDEX, "sdxl-refiner": SDXL_REFINER_INDEX}.get(preset.clip_layout, MODEL_INDEX)
+    index = index | {"_diffusers_version": diffusers.__version__}  # the inpainting loader reads it
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
@@ -115,6 +146,8 @@ def write_original_checkpoint(
     """
     path = Path(path)
     sd, cfg = diffusers_folder_to_original(folder)
+    if cfg.clip_layout.startswith("sdxl"):  # OpenCLIP bigG's contrastive temperature, unused
+        sd[f"conditioner.embedders.{0 if cfg.clip2 is None else 1}.model.logit_scale"] = torch.tensor(math.log(100.0))
     if cfg.clip_layout == "openclip":
         g = torch.Generator().manual_seed(1234)
         for name, shape in openclip_unused_shapes(cfg.clip, cfg.clip.layers).items():

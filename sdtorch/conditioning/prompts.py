@@ -238,8 +238,15 @@ def encode_chunks(clip, batch: list[list[Chunk]], empty: Chunk, clip_skip: int |
     """Encode each prompt's framed chunks; prompts with fewer chunks get `empty` chunks (as A1111
     does), so every row has the same length. Returns (B, 77·k, D) in float32. The gradient reaches
     the chunks' vectors (textual-inversion training); `Pipeline.encode_prompt` runs it without one."""
+    return encode_chunks_pooled(clip, batch, empty, clip_skip, pooled=False)[0]
+
+
+def encode_chunks_pooled(clip, batch: list[list[Chunk]], empty: Chunk, clip_skip: int | None = None, *,
+                         pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`encode_chunks` and, for encoders with a text projection (SDXL's bigG), the pooled output of
+    each prompt's first chunk (as A1111; emphasis does not touch it), else None."""
     device = clip.text_model.embeddings.token_embedding.weight.device
-    out = []
+    out, first = [], None
     for i in range(max(len(chunks) for chunks in batch)):
         row = [chunks[i] if i < len(chunks) else empty for chunks in batch]
         tokens = torch.tensor([c.tokens for c in row], device=device)
@@ -250,9 +257,10 @@ def encode_chunks(clip, batch: list[list[Chunk]], empty: Chunk, clip_skip: int |
                 for j, v in enumerate(c.vectors):
                     if v is not None:
                         embeds[b, j] = v.to(embeds)
-        z = clip(tokens, clip_skip, token_embeds=embeds).float()
-        out.append(emphasize(z, torch.tensor([c.weights for c in row], device=device)))
-    return torch.cat(out, dim=1)
+        z, p = clip.encode(tokens, clip_skip, token_embeds=embeds, pooled=pooled and i == 0)
+        first = p.float() if p is not None else first
+        out.append(emphasize(z.float(), torch.tensor([c.weights for c in row], device=device)))
+    return torch.cat(out, dim=1), first
 
 
 def pad_to_same_length(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sdtorch.config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
-from sdtorch.families import FAMILIES, PREFIXES, concat_kind, family_by_layout, family_of
+from sdtorch.families import FAMILIES, MICRO_VALUES, PREFIXES, Family, TextSlot, concat_kind, family_by_layout, family_of
 from sdtorch.formats import diffusers as convert
 from sdtorch.formats.atomic import save_safetensors
 from sdtorch.formats.files import SUFFIXES, CheckpointError, read_state_dict  # noqa: F401  (re-exported)
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 IGNORED = re.compile(
     r"^(v_pred$|model_ema\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|lvlb_weights$|logvar$"
     r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"
-    r"|cond_stage_model\.model\.(logit_scale|text_projection)$)"
+    r"|cond_stage_model\.model\.(logit_scale|text_projection)$"
+    r"|conditioner\.embedders\.\d+\.(transformer\.text_model\.embeddings\.position_ids|model\.logit_scale)$)"
 )
 CONFIG_KEY = "sdtorch_config"  # safetensors metadata written by `save`
 ENCODER_PREFIX = "condition_encoder."  # a condition encoder's keys (sdtorch.conditioning.encoders)
@@ -51,30 +52,36 @@ class Checkpoint:
     # A condition encoder stored with the model (keys `condition_encoder.*`, its spec in the metadata).
     encoder: dict[str, torch.Tensor] = field(default_factory=dict)
     encoder_spec: dict | None = None
+    clip2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL's second text encoder
 
 
-def split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, str]:
-    """Full-file keys -> (unet, vae, clip) state dicts in sdtorch naming, and the clip layout."""
-    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
-    unexpected = []
+def split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, list[dict], Family]:
+    """Full-file keys -> (unet, vae, [text encoders]) state dicts in sdtorch naming, and the family
+    whose text-encoder prefixes the file uses."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}}
+    rest = {}
     for key, value in sd.items():
         if IGNORED.match(key):
             continue
-        name = next((n for n, p in PREFIXES.items() if key.startswith(p)), None)
+        name = next((n for n in parts if key.startswith(PREFIXES[n])), None)
         if name is None:
-            unexpected.append(key)
+            rest[key] = value
         else:
             parts[name][key[len(PREFIXES[name]) :]] = value
-    if unexpected:
-        raise CheckpointError(f"unexpected keys outside the UNet, VAE and text encoder: {_few(unexpected)}")
     for name in ("unet", "vae"):
         if not parts[name]:
             raise CheckpointError(f"no {name.upper()} weights (keys starting {PREFIXES[name]!r}) in the file")
-    for family in FAMILIES.values():  # the family whose text-encoder prefix the file uses
-        text = parts[next(n for n, p in PREFIXES.items() if p == family.text_prefix)]
-        if text:
-            return parts["unet"], parts["vae"], convert.TEXT_LAYOUTS[family.text_layout][0](text), family.text_layout
-    raise CheckpointError("no text-encoder weights (cond_stage_model.*) in the file")
+    family = next((f for f in FAMILIES.values() if all(any(k.startswith(t.prefix) for k in rest) for t in f.text)),
+                  None)
+    if family is None:
+        raise CheckpointError("no text-encoder weights (cond_stage_model.* or conditioner.embedders.*) in the file")
+    texts = []
+    for slot in family.text:
+        texts.append({k[len(slot.prefix):]: rest.pop(k) for k in [k for k in rest if k.startswith(slot.prefix)]})
+    if rest:
+        raise CheckpointError(f"unexpected keys outside the UNet, VAE and text encoders: {_few(list(rest))}")
+    texts = [convert.text_to_hf(slot.layout, t, projection=slot.pooled) for slot, t in zip(family.text, texts)]
+    return parts["unet"], parts["vae"], texts, family
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -104,6 +111,7 @@ def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
         if f"input_blocks.{i}.1.proj_in.weight" in sd and ds not in attn:
             attn.append(ds)
     res_per_level.append(count)
+    depths = _level_depths(sd, len(mults), res_per_level[0])
     proj = sd["middle_block.1.proj_in.weight"]
     context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     sd2 = proj.ndim == 2 or context_dim == 1024
@@ -116,13 +124,30 @@ def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
         attention_resolutions=tuple(sorted(attn, reverse=True)),  # as the YAML configs list them
         num_heads=-1 if sd2 else 8,
         num_head_channels=64 if sd2 else -1,
-        transformer_depth=len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
+        transformer_depth=depths,
         context_dim=context_dim,
         use_linear_in_transformer=proj.ndim == 2,
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
     )
 
 
-def detect_vae(sd: dict[str, torch.Tensor]) -> VAEConfig:
+def _level_depths(sd: dict, levels: int, per_level: int) -> int | tuple[int, ...]:
+    """Transformer blocks per attention layer: one number, or one per level (SDXL) where they
+    differ; levels without attention count 1 (as SGM's configs write them)."""
+    def count(block: str) -> int:
+        return len(_indices(sd, rf"{block}\.1\.transformer_blocks\.(\d+)\."))
+
+    depths = [count(f"input_blocks.{1 + level * (per_level + 1)}") or 1 for level in range(levels)]
+    middle = count("middle_block")
+    if len(set(depths) | {middle}) == 1:
+        return middle
+    if depths[-1] != middle:
+        raise CheckpointError(f"the middle block's transformer depth {middle} differs from the last level's "
+                              f"{depths[-1]}: not a supported UNet")
+    return tuple(depths)
+
+
+def detect_vae(sd: dict[str, torch.Tensor], scaling_factor: float = 0.18215) -> VAEConfig:
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = _indices(sd, r"encoder\.down\.(\d+)\.")
     return VAEConfig(
@@ -133,13 +158,16 @@ def detect_vae(sd: dict[str, torch.Tensor]) -> VAEConfig:
         num_res_blocks=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
         z_channels=sd["decoder.conv_in.weight"].shape[1],
         embed_dim=sd["post_quant_conv.weight"].shape[1],
+        scaling_factor=scaling_factor,
     )
 
 
-def detect_clip(sd: dict[str, torch.Tensor], layout: str) -> ClipConfig:
+def detect_clip(sd: dict[str, torch.Tensor], slot: TextSlot | str) -> ClipConfig:
+    """The text encoder's config; `slot` is the family's text slot (a layout name: its first)."""
+    slot = family_by_layout(slot).text[0] if isinstance(slot, str) else slot
     tok = sd["text_model.embeddings.token_embedding.weight"]
     width = tok.shape[1]
-    family = family_by_layout(layout)
+    projection = sd.get("text_projection.weight")
     return ClipConfig(
         vocab_size=tok.shape[0],
         max_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
@@ -147,9 +175,11 @@ def detect_clip(sd: dict[str, torch.Tensor], layout: str) -> ClipConfig:
         layers=len(_indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
         heads=width // 64,
         mlp_ratio=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0] // width,
-        act=family.text_act,
-        pad_token_id=family.pad_token_id,
-        clip_skip=family.clip_skip,
+        act=slot.act,
+        pad_token_id=slot.pad_token_id,
+        clip_skip=slot.clip_skip,
+        final_norm=slot.final_norm,
+        projection_dim=0 if projection is None else projection.shape[0],
     )
 
 
@@ -178,18 +208,18 @@ def read(
     path = Path(path)
     source = "given config" if config is not None else ""
     if path.is_dir():  # already in sdtorch's names: no detour through the single-file layout
-        unet, vae, clip, folder_cfg = convert.read_diffusers_folder(path)
-        sd, meta, source, layout = {}, {}, source or "diffusers config", folder_cfg.clip_layout
+        unet, vae, texts, folder_cfg = convert.read_diffusers_folder(path)
+        sd, meta, source, family = {}, {}, source or "diffusers config", family_of(folder_cfg)
         encoder, encoder_spec = {}, None
         config = config or folder_cfg
     else:
         sd, meta = read_state_dict(path)
         encoder, encoder_spec = _condition_encoder(sd, meta, path)
-        unet, vae, clip, layout = split(sd)
+        unet, vae, texts, family = split(sd)
     if config is None and CONFIG_KEY in meta:
         config, source = ModelConfig.from_dict(json.loads(meta[CONFIG_KEY])), "metadata"
     if config is None:
-        config = _detect(unet, vae, clip, layout, path)
+        config = _detect(unet, vae, texts, family, path)
     if prediction is not None:
         config, source = replace(config, prediction=prediction), "given"
     elif "v_pred" in sd:
@@ -198,7 +228,8 @@ def read(
         pred, source = guess_prediction(unet, config)
         config = replace(config, prediction=pred, sample_size=768 if pred == "v" else config.sample_size)
     dtype = next(iter(unet.values())).dtype
-    return Checkpoint(config, unet, vae, clip, dtype, source, path, encoder, encoder_spec)
+    clip2 = texts[1] if len(texts) > 1 else {}
+    return Checkpoint(config, unet, vae, texts[0], dtype, source, path, encoder, encoder_spec, clip2)
 
 
 def _condition_encoder(sd: dict, meta: dict, path: Path) -> tuple[dict, dict | None]:
@@ -213,14 +244,29 @@ def _condition_encoder(sd: dict, meta: dict, path: Path) -> tuple[dict, dict | N
     return {k[len(prefix):]: sd.pop(k) for k in keys}, json.loads(meta[ENCODER_KEY])
 
 
-def _detect(unet: dict, vae: dict, clip: dict, layout: str, path: Path) -> ModelConfig:
+def _detect(unet: dict, vae: dict, texts: list[dict], family: Family, path: Path) -> ModelConfig:
     try:
+        clips = [detect_clip(t, slot) for t, slot in zip(texts, family.text)]
+        unet_cfg = detect_unet(unet)
+        micro, micro_dim = (), 256
+        if unet_cfg.adm_in_channels:
+            micro = family.micro
+            values = sum(MICRO_VALUES[m] for m in micro)
+            pooled = sum(c.projection_dim for c in clips)
+            if not values or (unet_cfg.adm_in_channels - pooled) % values:
+                raise CheckpointError(f"{path}: a UNet vector of {unet_cfg.adm_in_channels} does not fit "
+                                      f"{family.label}'s pooled text ({pooled}) and conditions {micro}")
+            micro_dim = (unet_cfg.adm_in_channels - pooled) // values
         return ModelConfig(
             name=path.stem,
-            clip=detect_clip(clip, layout),
-            unet=detect_unet(unet),
-            vae=detect_vae(vae),
-            clip_layout=layout,  # type: ignore[arg-type]
+            clip=clips[0],
+            clip2=clips[1] if len(clips) > 1 else None,
+            unet=unet_cfg,
+            vae=detect_vae(vae, family.latent_scale),
+            clip_layout=family.layout,  # type: ignore[arg-type]
+            sample_size=1024 if family.micro else 512,
+            micro=micro,
+            micro_dim=micro_dim,
         )
     except KeyError as e:
         raise CheckpointError(f"{path} is not a Stable Diffusion checkpoint: key {e} is missing") from None
@@ -258,16 +304,18 @@ def _linear_as_1x1(given: torch.Size, expected: torch.Size) -> bool:
     return len(given) == 2 and tuple(expected) == (*given, 1, 1)
 
 
-def original_state_dict(unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig) -> dict:
+def original_state_dict(unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig,
+                        clip2: nn.Module | None = None) -> dict:
     """The models' weights under the original single-file keys."""
-    return convert.original_keys(unet.state_dict(), vae.state_dict(), clip.state_dict(), cfg)
+    texts = [m.state_dict() for m in (clip, clip2) if m is not None]
+    return convert.original_keys(unet.state_dict(), vae.state_dict(), texts, cfg)
 
 
 def save(path: str | Path, unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg: ModelConfig, dtype=None, *,
-         condition_encoder: nn.Module | None = None) -> Path:
+         condition_encoder: nn.Module | None = None, clip2: nn.Module | None = None) -> Path:
     """Write one original-layout .safetensors file with the config in its metadata, atomically;
     a condition encoder goes in under `condition_encoder.*` with its spec in the metadata."""
-    sd = original_state_dict(unet, vae, clip, cfg)
+    sd = original_state_dict(unet, vae, clip, cfg, clip2)
     meta = {CONFIG_KEY: json.dumps(cfg.to_dict())}
     if condition_encoder is not None:
         sd |= {ENCODER_PREFIX + k: v for k, v in condition_encoder.state_dict().items()}

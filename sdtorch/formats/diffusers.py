@@ -87,6 +87,8 @@ def _unet_table(cfg: UNetConfig) -> dict[str, str]:
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
     }
+    if cfg.adm_in_channels:  # SDXL's vector embedding
+        table |= {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
     resnets = [("middle_block.0", "mid_block.resnets.0"), ("middle_block.2", "mid_block.resnets.1")]
     for level in range(levels):
         for j in range(n):
@@ -200,14 +202,16 @@ def _count_layers(sd: StateDict, marker: str) -> int:
     return len({k[len(marker) :].split(".")[0] for k in sd if k.startswith(marker)})
 
 
-def openclip_to_hf(sd: StateDict) -> StateDict:
+def openclip_to_hf(sd: StateDict, *, projection: bool = False) -> StateDict:
     """OpenCLIP text tower (keys without `cond_stage_model.model.`) -> HF `text_model.…` keys.
 
     The fused attention `in_proj_weight` (3W, W) is split into q/k/v in that order.
-    `text_projection` and `logit_scale` are dropped (Stable Diffusion does not use them).
+    `logit_scale` is dropped, and `text_projection` too unless `projection` (SDXL's bigG uses it:
+    OpenCLIP applies it as `x @ W`, so it becomes the Linear weight `text_projection.weight` = W.T).
     """
+    out = {"text_projection.weight": sd["text_projection"].T.contiguous()} if projection else {}
     sd = {k: v for k, v in sd.items() if k not in OPENCLIP_UNUSED}
-    out = {_POSITIONAL[1]: sd.pop(_POSITIONAL[0])}
+    out[_POSITIONAL[1]] = sd.pop(_POSITIONAL[0])
     for key in [k for k in sd if ".attn.in_proj_" in k]:
         layer, kind = key.split(".attn.in_proj_")  # kind: "weight" | "bias"
         hf = layer.replace("transformer.resblocks.", "text_model.encoder.layers.")
@@ -226,6 +230,8 @@ def hf_to_openclip(
     `x @ text_projection`) and `logit_scale` (a scalar) appear only when passed.
     """
     sd = dict(sd)
+    if "text_projection.weight" in sd:  # a projecting encoder (SDXL's bigG): OpenCLIP's x @ W
+        text_projection = sd.pop("text_projection.weight").T.contiguous()
     out = {_POSITIONAL[0]: sd.pop(_POSITIONAL[1])}
     layers = _count_layers(sd, "text_model.encoder.layers.")
     for i in range(layers):
@@ -272,42 +278,61 @@ def _pad_token(tokenizer: Path) -> str | None:
     return None
 
 
-def read_diffusers_folder(folder: str | Path) -> tuple[StateDict, StateDict, StateDict, ModelConfig]:
-    """A diffusers Stable Diffusion folder -> (unet, vae, text encoder) state dicts in sdtorch's
-    naming (the text encoder stays in Hugging Face's names, which sdtorch's are) and the ModelConfig.
-    The text encoder has the folder's layers only (see `diffusers_configs`); `position_ids`
-    buffers that older text-encoder files carry are dropped."""
+def read_diffusers_folder(folder: str | Path) -> tuple[StateDict, StateDict, list[StateDict], ModelConfig]:
+    """A diffusers Stable Diffusion folder -> (unet, vae, [text encoders]) state dicts in sdtorch's
+    naming (the text encoders stay in Hugging Face's names, which sdtorch's are) and the ModelConfig.
+    SDXL folders have `text_encoder` and `text_encoder_2` (the refiner only the second). A text
+    encoder has the folder's layers only (see `diffusers_configs`); `position_ids` buffers that
+    older text-encoder files carry are dropped."""
     folder = Path(folder)
     _read_json(folder / "model_index.json")
-    configs = [_read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")]
-    configs.append(_read_json(folder / "scheduler" / "scheduler_config.json"))
-    pad = _pad_token(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
-    cfg = config_from_diffusers(*configs, pad_token=pad, name=folder.name)
+    texts = [t for t in ("text_encoder", "text_encoder_2") if (folder / t).is_dir()]
+    if not texts:
+        raise FileNotFoundError(f"missing {folder / 'text_encoder'}")
+    configs = [_read_json(folder / part / "config.json") for part in ("unet", "vae")]
+    text_cfgs = [_read_json(folder / t / "config.json") for t in texts]
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    pads = [_pad_token(folder / t.replace("text_encoder", "tokenizer")) for t in texts]
+    cfg = config_from_diffusers(*configs, text_cfgs, scheduler, pad_tokens=pads, name=folder.name,
+                                texts=tuple(texts))
 
     unet = unet_from_diffusers(_load_weights(folder / "unet"), cfg.unet)
     vae = vae_from_diffusers(_load_weights(folder / "vae"), cfg.vae)
-    # transformers >= 5.6 saves CLIPTextModel without the `text_model.` level; older files have it
-    text = {k.removeprefix("text_model."): v for k, v in _load_weights(folder / "text_encoder").items()}
-    text = {f"text_model.{k}": v for k, v in text.items() if not k.endswith("position_ids")}
-    return unet, vae, text, cfg
+    return unet, vae, [_text_weights(folder / t) for t in texts], cfg
 
 
-# A family's text layout -> (file names -> Hugging Face names, Hugging Face names -> file names).
-TEXT_LAYOUTS = {"hf": (lambda sd: sd, lambda sd: sd), "openclip": (lambda sd: openclip_to_hf(sd), lambda sd: hf_to_openclip(sd))}
+def _text_weights(folder: Path) -> StateDict:
+    """transformers >= 5.6 saves CLIPTextModel without the `text_model.` level; older files and
+    CLIPTextModelWithProjection have it (its `text_projection` sits beside it)."""
+    text = {k.removeprefix("text_model."): v for k, v in _load_weights(folder).items()}
+    return {k if k.startswith("text_projection") else f"text_model.{k}": v for k, v in text.items()
+            if not k.endswith("position_ids")}
 
 
-def original_keys(unet: StateDict, vae: StateDict, text: StateDict, cfg: ModelConfig) -> StateDict:
+def text_to_hf(layout: str, sd: StateDict, projection: bool = False) -> StateDict:
+    """One text encoder's single-file keys (its prefix removed, in `layout`) -> Hugging Face names."""
+    return openclip_to_hf(sd, projection=projection) if layout == "openclip" else sd
+
+
+def text_from_hf(layout: str, sd: StateDict) -> StateDict:
+    """Hugging Face names -> one text encoder's single-file keys in `layout` (no prefix)."""
+    return hf_to_openclip(sd) if layout == "openclip" else sd
+
+
+def original_keys(unet: StateDict, vae: StateDict, texts: list[StateDict], cfg: ModelConfig) -> StateDict:
     """sdtorch-named state dicts -> one original-layout single-file state dict (the family's
-    prefixes and text-encoder layout)."""
+    prefixes and text-encoder layouts)."""
     family = family_of(cfg)
     sd = {PREFIXES["unet"] + k: v for k, v in unet.items()}
     sd |= {PREFIXES["vae"] + k: v for k, v in vae.items()}
-    return sd | {family.text_prefix + k: v for k, v in TEXT_LAYOUTS[family.text_layout][1](text).items()}
+    for slot, text in zip(family.text, texts, strict=True):
+        sd |= {slot.prefix + k: v for k, v in text_from_hf(slot.layout, text).items()}
+    return sd
 
 
 def diffusers_folder_to_original(folder: str | Path) -> tuple[StateDict, ModelConfig]:
     """A diffusers Stable Diffusion folder as one original-layout state dict (keys with their
     prefixes: `model.diffusion_model.`, `first_stage_model.`, and `cond_stage_model.transformer.`
     or, for OpenCLIP models, `cond_stage_model.model.`) and its ModelConfig."""
-    unet, vae, text, cfg = read_diffusers_folder(folder)
-    return original_keys(unet, vae, text, cfg), cfg
+    unet, vae, texts, cfg = read_diffusers_folder(folder)
+    return original_keys(unet, vae, texts, cfg), cfg

@@ -7,7 +7,7 @@ tests (`diffusers_configs`). Pure functions on dicts and dataclasses.
 from __future__ import annotations
 
 from sdtorch.config import ClipConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
-from sdtorch.families import FAMILIES
+from sdtorch.families import FAMILIES, family_by_layout
 
 # Configs: sdtorch field -> diffusers / transformers config key, for the fields that map 1:1.
 # A key missing from a config dict takes the sdtorch default, which is also the diffusers default.
@@ -55,8 +55,13 @@ def _unet_config(d: dict) -> UNetConfig:
     channels, down = list(d["block_out_channels"]), list(d["down_block_types"])
     if [t.replace("Down", "Up") for t in reversed(down)] != list(d["up_block_types"]):
         raise ValueError(f"up_block_types {d['up_block_types']} do not mirror down_block_types {down}")
-    if not isinstance(depth := d.get("transformer_layers_per_block", 1), int):
-        raise ValueError(f"per-block transformer_layers_per_block {depth} is not supported")
+    depth = d.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):  # per level (SDXL); the mid block takes the last, the up blocks mirror
+        depth = tuple(depth)
+        if d.get("reverse_transformer_layers_per_block") is not None:
+            raise ValueError("reverse_transformer_layers_per_block is not supported")
+    if d.get("addition_embed_type") not in (None, "text_time"):
+        raise ValueError(f"addition_embed_type {d['addition_embed_type']!r} is not supported")
     # diffusers' `attention_head_dim` is the head COUNT (a misnomer diffusers keeps for old configs).
     # Its SD2 conversion writes per-block counts, channels // 64: that is a fixed head width.
     heads = d.get("num_attention_heads") or d["attention_head_dim"]
@@ -68,8 +73,10 @@ def _unet_config(d: dict) -> UNetConfig:
         num_heads, num_head_channels = -1, widths.pop()
     model_channels, channel_mult = _channels(channels)
     attention = tuple(2**i for i, t in reversed(list(enumerate(down))) if t.startswith("CrossAttn"))
+    fields = _fields(d, _UNET_FIELDS) | {"transformer_depth": depth}
     return UNetConfig(
-        **_fields(d, _UNET_FIELDS),
+        **fields,
+        adm_in_channels=d.get("projection_class_embeddings_input_dim") or 0 if d.get("addition_embed_type") else 0,
         model_channels=model_channels,
         channel_mult=channel_mult,
         attention_resolutions=attention,
@@ -83,17 +90,21 @@ def _vae_config(d: dict) -> VAEConfig:
     return VAEConfig(**_fields(d, _VAE_FIELDS), ch=ch, ch_mult=ch_mult, embed_dim=d["latent_channels"])
 
 
-def _clip_config(d: dict, pad_token: str | None) -> ClipConfig:
+def _clip_config(d: dict, pad_token: str | None, final_norm: bool = True) -> ClipConfig:
     if d["intermediate_size"] % d["hidden_size"]:
         raise ValueError(f"intermediate_size {d['intermediate_size']} is not a multiple of the width")
     if pad_token is not None and pad_token not in _PAD_TOKENS:
         raise ValueError(f"unknown pad token {pad_token!r}; expected one of {list(_PAD_TOKENS)}")
     pad = _PAD_TOKENS[pad_token] if pad_token is not None else d["pad_token_id"]
-    # A diffusers text encoder holds only the layers that are used, so clip_skip is 1.
+    # A diffusers SD 1/2 text encoder holds only the layers that are used, so clip_skip is 1; SDXL's
+    # hold all of them and take the penultimate one without the final norm.
+    projection = d.get("projection_dim", 0) if "CLIPTextModelWithProjection" in d.get("architectures", ()) else 0
     return ClipConfig(
         **_fields(d, _CLIP_FIELDS),
         layers=d["num_hidden_layers"],
-        clip_skip=1,
+        clip_skip=1 if final_norm else 2,
+        final_norm=final_norm,
+        projection_dim=projection,
         mlp_ratio=d["intermediate_size"] // d["hidden_size"],
         pad_token_id=pad,
     )
@@ -102,35 +113,53 @@ def _clip_config(d: dict, pad_token: str | None) -> ClipConfig:
 def config_from_diffusers(
     unet_cfg: dict,
     vae_cfg: dict,
-    text_cfg: dict,
+    text_cfg: dict | list[dict],
     scheduler_cfg: dict,
     *,
     pad_token: str | None = None,
     name: str = "diffusers",
+    pad_tokens: list[str | None] | None = None,
+    texts: tuple[str, ...] = ("text_encoder",),
 ) -> ModelConfig:
     """ModelConfig from the config.json dicts of a diffusers Stable Diffusion folder.
 
-    pad_token: the tokenizer's pad token ("<|endoftext|>" or "!"). Real text_encoder configs carry
-    a meaningless `pad_token_id` (1), so pass the tokenizer's when there is one; without it
-    `text_cfg["pad_token_id"]` is used (as `diffusers_configs` writes it).
-    The text encoder is stored as OpenCLIP ("openclip" layout) when it uses plain gelu: among SD
+    text_cfg: the text encoder's config, or each one's (SDXL: `text_encoder`, `text_encoder_2`,
+    named in `texts`; the refiner has only `text_encoder_2`).
+    pad_token: the tokenizer's pad token ("<|endoftext|>" or "!"; `pad_tokens`: each tokenizer's).
+    Real text_encoder configs carry a meaningless `pad_token_id` (1), so pass the tokenizer's when
+    there is one; without it `text_cfg["pad_token_id"]` is used (as `diffusers_configs` writes it).
+    A single text encoder is stored as OpenCLIP ("openclip" layout) when it uses plain gelu: among SD
     models only OpenCLIP ViT-H (SD2) does; OpenAI CLIP ViT-L (SD1) uses quick_gelu.
     """
     prediction_type = scheduler_cfg.get("prediction_type", "epsilon")
     prediction = {v: k for k, v in _PREDICTION.items()}.get(prediction_type)
     if prediction is None:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    clip, vae = _clip_config(text_cfg, pad_token), _vae_config(vae_cfg)
+    text_cfgs = [text_cfg] if isinstance(text_cfg, dict) else list(text_cfg)
+    pads = pad_tokens or [pad_token] * len(text_cfgs)
+    sgm = "text_encoder_2" in texts
+    clips = [_clip_config(d, pad, final_norm=not sgm) for d, pad in zip(text_cfgs, pads)]
+    vae = _vae_config(vae_cfg)
     schedule = {k: scheduler_cfg[k] for k in ScheduleConfig.__dataclass_fields__ if k in scheduler_cfg}
+    if sgm:
+        layout = "sdxl" if len(clips) == 2 else "sdxl-refiner"
+    else:
+        layout = next((f.layout for f in FAMILIES.values() if len(f.text) == 1 and f.text[0].act == clips[0].act
+                       and not f.micro), "hf")
+    unet = _unet_config(unet_cfg)
+    micro = family_by_layout(layout).micro if unet.adm_in_channels else ()
     return ModelConfig(
         name=name,
-        clip=clip,
-        unet=_unet_config(unet_cfg),
+        clip=clips[0],
+        clip2=clips[1] if len(clips) > 1 else None,
+        unet=unet,
         vae=vae,
         schedule=ScheduleConfig(**schedule),
         prediction=prediction,
-        clip_layout=next((f.text_layout for f in FAMILIES.values() if f.text_act == clip.act), "hf"),
+        clip_layout=layout,
         sample_size=unet_cfg["sample_size"] * 2 ** (len(vae.ch_mult) - 1),
+        micro=micro,
+        micro_dim=unet_cfg.get("addition_time_embed_dim") or 256,
     )
 
 
@@ -149,7 +178,13 @@ def diffusers_configs(cfg: ModelConfig) -> dict:
     channels = [u.model_channels * m for m in u.channel_mult]
     # head COUNT, see _unet_config
     heads = u.num_heads if u.num_head_channels == -1 else [ch // u.num_head_channels for ch in channels]
-    unet = {key: getattr(u, field) for field, key in _UNET_FIELDS.items()} | {
+    unet = {key: getattr(u, field) for field, key in _UNET_FIELDS.items()}
+    if not isinstance(u.transformer_depth, int):
+        unet["transformer_layers_per_block"] = list(u.transformer_depth)
+    if u.adm_in_channels:
+        unet |= {"addition_embed_type": "text_time", "addition_time_embed_dim": cfg.micro_dim,
+                 "projection_class_embeddings_input_dim": u.adm_in_channels}
+    unet |= {
         "sample_size": cfg.sample_size // 2 ** (len(v.ch_mult) - 1),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
@@ -162,13 +197,10 @@ def diffusers_configs(cfg: ModelConfig) -> dict:
         "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult),
         "block_out_channels": [v.ch * m for m in v.ch_mult],
     }
-    text_encoder = {key: getattr(c, field) for field, key in _CLIP_FIELDS.items()} | {
-        "intermediate_size": c.width * c.mlp_ratio,
-        "num_hidden_layers": c.layers - c.clip_skip + 1,
-        "pad_token_id": c.pad_token_id,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-    }
+    texts = {"text_encoder": _text_encoder(c)} if cfg.clip2 is None else {
+        "text_encoder": _text_encoder(c), "text_encoder_2": _text_encoder(cfg.clip2)}
+    if cfg.clip_layout == "sdxl-refiner":  # the refiner's one text encoder is diffusers' text_encoder_2
+        texts = {"text_encoder_2": texts["text_encoder"]}
     scheduler = {k: getattr(s, k) for k in ScheduleConfig.__dataclass_fields__} | {
         "_class_name": "PNDMScheduler",
         "skip_prk_steps": True,
@@ -176,4 +208,17 @@ def diffusers_configs(cfg: ModelConfig) -> dict:
         "clip_sample": False,  # not a PNDM argument, but a DDIM built from_config reads it
         "prediction_type": _PREDICTION[cfg.prediction],
     }
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+    return {"unet": unet, "vae": vae, **texts, "scheduler": scheduler}
+
+
+def _text_encoder(c: ClipConfig) -> dict:
+    """CLIPTextConfig kwargs. With the final norm on the used layer (SD 1/2) only the layers that
+    are used are kept; SDXL's encoders keep all (the reference takes `hidden_states[-2]`)."""
+    d = {key: getattr(c, field) for field, key in _CLIP_FIELDS.items()} | {
+        "intermediate_size": c.width * c.mlp_ratio,
+        "num_hidden_layers": c.layers - c.clip_skip + 1 if c.final_norm else c.layers,
+        "pad_token_id": c.pad_token_id,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+    }
+    return d | ({"projection_dim": c.projection_dim} if c.projection_dim else {})

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sdtorch.conditioning.micro import micro_vector
 from sdtorch.conditioning.prompts import pad_all
 from sdtorch.conditioning.schedule import ParsedPrompt, parse_prompt
+from sdtorch.families import family_of
 from sdtorch.generate.request import RequestError
 from sdtorch.models.condition import Condition
 from sdtorch.sampling.denoisers import Schedule
@@ -71,22 +73,42 @@ def _joined(text: Condition, extra: Condition) -> Condition:
 def text_conditions(pipe, params, concat: torch.Tensor | None) -> TextConditions:
     b, skip = params.batch_size, params.clip_skip
     if pipe.prompt_syntax != "a1111":  # the reference's encoding: no syntax at all
-        cond, uncond = (pipe.encode_prompt([t] * b, skip) for t in (params.prompt, params.negative_prompt))
-        return TextConditions(Condition(cond, concat=concat), Condition(uncond, concat=concat))
+        cond, uncond = (pipe.encode_text([t] * b, skip) for t in (params.prompt, params.negative_prompt))
+        return TextConditions(_condition(pipe, params, *cond, concat),
+                              _condition(pipe, params, *uncond, concat, negative=params.negative_prompt))
     parsed = parse_prompt(params.prompt, params.negative_prompt, params.steps)
     _apply_loras(pipe, parsed)
     texts = parsed.texts
-    states = [pipe.encode_prompt([t] * b, skip, tags_removed=True) for t in texts]
+    encoded = [pipe.encode_text([t] * b, skip, tags_removed=True) for t in texts]
+    states = [s for s, _ in encoded]
     if len(states) > 1:  # one UNet batch: pad to the longest with encodings of the empty prompt (A1111)
         states = pad_all(states, pipe.encode_prompt([""], skip))
-    encoded = {t: Condition(s, concat=concat) for t, s in zip(texts, states)}
+    pooled = {t: p for t, (_, p) in zip(texts, encoded)}
+    positive = {t: _condition(pipe, params, s, pooled[t], concat) for t, s in zip(texts, states)}
+    negative = {t: _condition(pipe, params, s, pooled[t], concat, negative=t) for t, s in zip(texts, states)}
     if parsed.plain:
-        return TextConditions(encoded[parsed.parts[0][1][0][1]], encoded[parsed.negative[0][1]])
+        return TextConditions(positive[parsed.parts[0][1][0][1]], negative[parsed.negative[0][1]])
 
-    def conditions(schedule) -> Schedule:
+    def conditions(schedule, encoded) -> Schedule:
         return [(end, encoded[t]) for end, t in schedule]
 
-    return TextConditions(None, None, ([(w, conditions(s)) for w, s in parsed.parts], conditions(parsed.negative)))
+    return TextConditions(None, None, ([(w, conditions(s, positive)) for w, s in parsed.parts],
+                                       conditions(parsed.negative, negative)))
+
+
+def _condition(pipe, params, states: torch.Tensor, pooled: torch.Tensor | None, concat: torch.Tensor | None,
+               negative: str | None = None) -> Condition:
+    """Text states as a `Condition`; for UNets with a vector embedding (SDXL) with the pooled text and
+    the micro-conditioning of its side. `negative`: the negative prompt's text, for that side: an
+    empty one is zeros where the family says so (SDXL base, as diffusers and A1111)."""
+    cfg = pipe.config
+    if not cfg.unet.adm_in_channels:
+        return Condition(states, concat=concat)
+    if pooled is None:
+        raise ValueError("this UNet takes a pooled text vector but no text encoder projects one")
+    if negative == "" and family_of(cfg).zero_negative:
+        states, pooled = torch.zeros_like(states), torch.zeros_like(pooled)
+    return Condition(states, micro_vector(cfg, pooled, params.micro_of(negative is not None)), concat)
 
 
 def _apply_loras(pipe, parsed: ParsedPrompt) -> None:

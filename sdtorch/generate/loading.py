@@ -45,13 +45,19 @@ def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
     log.info("loaded %s: %s, prediction %s (%s)", path, describe(cfg), cfg.prediction, ckpt.prediction_source)
     with torch.device("meta"):  # no random init of weights that are about to be replaced
         unet, vae, clip = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), ClipTextModel(cfg.clip)
+        clip2 = None if cfg.clip2 is None else ClipTextModel(cfg.clip2)
     checkpoint.load_strict(unet, ckpt.unet, "UNet", dtype, consume=True)
     checkpoint.load_strict(vae, ckpt.vae, "VAE", dtype, consume=True)
     checkpoint.load_strict(clip, ckpt.clip, "text encoder", dtype, consume=True)
+    if clip2 is not None:
+        checkpoint.load_strict(clip2, ckpt.clip2, "second text encoder", dtype, consume=True)
+        clip2 = clip2.to(device)
+    elif ckpt.clip2:
+        raise checkpoint.CheckpointError(f"{path} has a second text encoder but its config has none (clip2)")
     if dtype != torch.float32 and torch.device(device).type == "cpu":
         unet, vae = fast_layout(unet), fast_layout(vae)
     pipe = Pipeline(cfg, unet.to(device), vae.to(device), clip.to(device),
-                    path=Path(path), prediction_source=ckpt.prediction_source)
+                    path=Path(path), prediction_source=ckpt.prediction_source, clip2=clip2)
     if ckpt.encoder_spec is not None:
         pipe.condition_encoder = _condition_encoder(ckpt, device)
     if compile:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from sdtorch.conditioning.micro import Micro
 
 from sdtorch.sampling import samplers
 from sdtorch.sampling.noise import image_seeds
+
+NEGATIVE_AESTHETIC = 2.5  # the refiner's default negative aesthetic score (diffusers, A1111)
 
 
 @dataclass
@@ -30,6 +34,15 @@ class GenerationParams:
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] = (0, 0)  # (w, h): the seed's noise drawn at this size (a1111 mode)
     condition: object = None  # the condition encoder's input (a tensor), when the pipeline has one
+    micro: Micro | None = None  # SDXL's size / crop / aesthetic conditioning; None: the image's size
+    negative_micro: Micro | None = None  # the negative side's; None: the prompt's, aesthetic score 2.5
+
+    def micro_of(self, negative: bool = False) -> Micro:
+        """The micro-conditioning of one side, defaults filled in (as diffusers' SDXL pipelines)."""
+        positive = self.micro or Micro((self.height, self.width))
+        if not negative:
+            return positive
+        return self.negative_micro or replace(positive, aesthetic_score=NEGATIVE_AESTHETIC)
 
     def seeds(self) -> list[int]:
         """Each image's seed (`sampling.noise.image_seeds`)."""

@@ -24,7 +24,7 @@ from sdtorch.conditioning.embeddings import load_embeddings
 from sdtorch.conditioning.prompts import (
     Chunk,
     embedding_lookup,
-    encode_chunks,
+    encode_chunks_pooled,
     extract_loras,
     tokenize_prompt,
 )
@@ -51,9 +51,10 @@ class Pipeline:
     """A loaded text-to-image model. Build it with `sdtorch.load(path)`."""
 
     def __init__(self, config: ModelConfig, unet: UNetModel, vae: AutoencoderKL, clip: ClipTextModel, *,
-                 path: Path | None = None, prediction_source: str = "given"):
+                 path: Path | None = None, prediction_source: str = "given", clip2: ClipTextModel | None = None):
         self.config = config
         self.unet, self.vae, self.clip = unet.eval(), vae.eval(), clip.eval()
+        self.clip2 = None if clip2 is None else clip2.eval()  # SDXL's second text encoder (OpenCLIP bigG)
         self.tokenizer = ClipTokenizer()
         # A `sdtorch.conditioning.encoders.ConditionEncoder` the UNet was trained with (None: text only);
         # requests give its input as `condition`.
@@ -113,10 +114,22 @@ class Pipeline:
             if isinstance(m, CrossAttention):
                 m.chunk = n
 
+    @property
+    def text_encoders(self) -> list[ClipTextModel]:
+        """The text encoders whose states are concatenated (SDXL: CLIP ViT-L, then OpenCLIP bigG)."""
+        return [self.clip] if self.clip2 is None else [self.clip, self.clip2]
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], clip_skip: int | None = None, *,
                       syntax: str | None = None, tags_removed: bool = False) -> torch.Tensor:
-        """prompts -> text states (B, 77·k, width) that condition the UNet.
+        """prompts -> text states (B, 77·k, width) that condition the UNet (`encode_text` without
+        the pooled output)."""
+        return self.encode_text(prompts, clip_skip, syntax=syntax, tags_removed=tags_removed)[0]
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], clip_skip: int | None = None, *, syntax: str | None = None,
+                    tags_removed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prompts -> (text states (B, 77·k, width), the pooled text (B, P) of models that use it).
 
         syntax (default `self.prompt_syntax`): "a1111" reads AUTOMATIC1111's emphasis, BREAK,
         textual-inversion names and prompts of any length in chunks of 75 tokens (see
@@ -124,24 +137,32 @@ class Pipeline:
         is the reference's encoding, truncated to 77 tokens (k = 1). A prompt of at most 75
         tokens without special syntax gives the same states either way, bit for bit.
         tags_removed: the prompts' LoRA tags are already out (`parse_prompt`).
+        With two text encoders (SDXL) each reads the prompt with its own padding and emphasis and
+        their states are concatenated; the pooled text is the projecting encoder's (its first chunk).
         """
         syntax = syntax or self.prompt_syntax
-        pad = self.config.clip.pad_token_id
-        if syntax == "plain":
-            tokens = self.tokenizer(prompts, pad_id=pad).to(self.device)
-            return self.clip(tokens, clip_skip).float()
-        if syntax != "a1111":
+        if syntax not in ("a1111", "plain"):
             raise ValueError(f"prompt syntax must be 'a1111' or 'plain', got {syntax!r}")
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a str or a list of str, got {prompts!r}")
-        empty = tokenize_prompt("", self.tokenizer, pad_id=pad)[0]
-        return encode_chunks(self.clip, [self.prompt_chunks(p, tags_removed) for p in prompts], empty, clip_skip)
+        states, pooled = [], None
+        for clip in self.text_encoders:
+            pad = clip.cfg.pad_token_id
+            if syntax == "plain":
+                z, p = clip.encode(self.tokenizer(prompts, pad_id=pad).to(self.device), clip_skip)
+            else:
+                empty = tokenize_prompt("", self.tokenizer, pad_id=pad)[0]
+                chunks = [self.prompt_chunks(text, tags_removed, pad) for text in prompts]
+                z, p = encode_chunks_pooled(clip, chunks, empty, clip_skip)
+            states.append(z.float())
+            pooled = p.float() if p is not None else pooled
+        return torch.cat(states, dim=-1), pooled
 
-    def prompt_chunks(self, prompt: str, tags_removed: bool = False) -> list[Chunk]:
+    def prompt_chunks(self, prompt: str, tags_removed: bool = False, pad: int | None = None) -> list[Chunk]:
         """A prompt in a1111 syntax as the chunks of 77 tokens `encode_prompt` encodes (LoRA tags
         removed; textual-inversion slots carry their vectors)."""
-        pad = self.config.clip.pad_token_id
+        pad = self.config.clip.pad_token_id if pad is None else pad
         lookup = embedding_lookup(self.embeddings, self.tokenizer, pad)
         text = prompt if tags_removed else extract_loras(prompt)[0]
         return tokenize_prompt(text, self.tokenizer, pad_id=pad, lookup=lookup)
@@ -149,6 +170,9 @@ class Pipeline:
     def load_embeddings(self, path: str | Path) -> list[str]:
         """Add textual-inversion embeddings from a file or a folder (file stem = trigger word);
         returns the trigger words added. Folder files of another model family are skipped."""
+        if self.clip2 is not None:
+            raise NotImplementedError("textual-inversion embeddings for two text encoders (SDXL clip_l / clip_g) "
+                                      "are not supported yet")
         found, path = load_embeddings(path, width=self.config.clip.width), Path(path)
         self.embeddings.update(found)
         for word in found:
@@ -163,16 +187,18 @@ class Pipeline:
         if self.deep_cache is not None:
             net = DeepCache(self.unet, *self.deep_cache)
 
-        def unet(x, t, context):
-            return net(x, t, context).float()
+        def unet(x, t, context, y=None):
+            return (net(x, t, context) if y is None else net(x, t, context, y)).float()
 
         inner = DiscreteDenoiser(unet, self.config.schedule, self.config.prediction, quantize=quantize)
         return ScheduledCFG(inner, cfg_scale, *scheduled) if scheduled else CFGDenoiser(inner, cfg_scale)
 
     def _sample(self, params: GenerationParams, generator: torch.Generator, noise: torch.Tensor,
                 callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
-                start: int = 0, concat: torch.Tensor | None = None, blend: tuple | None = None) -> torch.Tensor:
-        """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets)."""
+                start: int = 0, concat: torch.Tensor | None = None, blend: tuple | None = None,
+                stop: int | None = None, noised: bool = False) -> torch.Tensor:
+        """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets);
+        stop / noised: a hand-off between two models (`samplers.sample`)."""
         text = conditions(self, params, concat)  # the prompt read once (LoRAs applied), or the encoder's tokens
 
         def make_model(quantize: bool):
@@ -183,7 +209,7 @@ class Pipeline:
             params.sampler, make_model, noise.to(self.device), params.steps, self.config.schedule,
             extra_args={"cond": text.cond, "uncond": text.uncond}, callback=callback, generator=generator,
             eta=params.eta, disable=not progress, prediction=self.config.prediction, init=init, start=start,
-            scheduler=params.scheduler,
+            scheduler=params.scheduler, stop=stop, noised=noised,
         )
 
     def latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
@@ -192,11 +218,37 @@ class Pipeline:
 
     @torch.no_grad()
     def generate_latents(self, params: GenerationParams, callback: Callable | None = None,
-                         progress: bool = True) -> torch.Tensor:
-        """Run the sampler; returns the final latents (B, 4, H/f, W/f), unscaled for decoding."""
+                         progress: bool = True, *, stop: int | None = None) -> torch.Tensor:
+        """Run the sampler; returns the final latents (B, 4, H/f, W/f), unscaled for decoding
+        (with `stop`, the noisy latents at that grid index, for another model to finish)."""
         validate(params, self.vae.downscale)
         generator, noise = self._noise(params, self.latent_shape(params))
-        return self._sample(params, generator, noise, callback, progress)
+        return self._sample(params, generator, noise, callback, progress, stop=stop)
+
+    @torch.no_grad()
+    def finish_latents(self, latents: torch.Tensor, params: GenerationParams, start: int,
+                       callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+        """Denoise another model's noisy latents from grid index `start` to the end (the SDXL
+        refiner after the base; diffusers' denoising_start): no noise is added, and the step
+        noise of ancestral samplers is drawn from a generator seeded with the request's seed."""
+        validate(params, self.vae.downscale)
+        if params.seed_mode == "diffusers":  # diffusers draws no initial noise here
+            source = torch.Generator("cpu").manual_seed(params.seed)
+        else:
+            source, _ = self._noise(params, latents.shape)
+        return self._sample(params, source, latents, callback, progress, init=latents.to(self.device),
+                            start=start, noised=True)
+
+    @torch.no_grad()
+    def refine_latents(self, refiner: "Pipeline", params: GenerationParams, switch: int,
+                       callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+        """AUTOMATIC1111's refiner: one sampler run whose model becomes `refiner` at grid index
+        `switch` (its own text encoder and micro-conditioning), the same noise source throughout."""
+        validate(params, self.vae.downscale)
+        source, noise = self._noise(params, self.latent_shape(params))
+        x = self._sample(params, source, noise, callback, progress, stop=switch)
+        return refiner._sample(params, source, x, callback, progress, init=x.to(refiner.device), start=switch,
+                               noised=True)
 
     def _noise(self, params: GenerationParams, shape, generator: torch.Generator | None = None):
         """(the sampler's noise source, initial noise) in the request's seed mode (`sampling.noise`)."""

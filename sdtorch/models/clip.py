@@ -98,22 +98,40 @@ class ClipTextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text_model = ClipTextTransformer(cfg)
+        if cfg.projection_dim:  # CLIPTextModelWithProjection (SDXL's bigG): the pooled output's projection
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor, clip_skip: int | None = None, *,
                 token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """clip_skip counts as AUTOMATIC1111 does: 1 = last layer, 2 = penultimate, ...
 
-        The final layer norm is applied to whichever layer is taken (as SD2 and A1111 do).
-        token_embeds (B, L, D): the token embeddings to use instead of looking `tokens` up.
+        The final layer norm is applied to whichever layer is taken (as SD2 and A1111 do) unless
+        the config says otherwise (SDXL). token_embeds (B, L, D): the token embeddings to use
+        instead of looking `tokens` up.
         """
+        return self.encode(tokens, clip_skip, token_embeds=token_embeds, pooled=False)[0]
+
+    def encode(self, tokens: torch.Tensor, clip_skip: int | None = None, *, token_embeds: torch.Tensor | None = None,
+               pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states as `forward`, the projected pooled output (B, projection_dim) or None).
+        The pooled output is the last layer's, after the final norm, at each end token, through
+        `text_projection` (CLIPTextModelWithProjection's `text_embeds`)."""
         skip = clip_skip or self.cfg.clip_skip
         layers = self.text_model.encoder.layers
         if not 1 <= skip <= len(layers):
             raise ValueError(f"clip_skip must be in 1..{len(layers)}, got {skip}")
+        pooled = pooled and self.cfg.projection_dim > 0
         x = self.text_model.embeddings(tokens, token_embeds)
-        for layer in layers[: len(layers) - skip + 1]:
+        hidden = None
+        for i, layer in enumerate(layers[: len(layers) if pooled else len(layers) - skip + 1]):
             x = layer(x)
-        return self.text_model.final_layer_norm(x)
+            if i == len(layers) - skip:
+                hidden = x
+        norm = self.text_model.final_layer_norm
+        hidden = norm(hidden) if self.cfg.final_norm else hidden
+        if not pooled:
+            return hidden, None
+        return hidden, self.text_projection(self.pooled(tokens, norm(x)))
 
     def pooled(self, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """The state at each sequence's end token (the highest id, 49407): (B, width)."""

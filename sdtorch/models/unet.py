@@ -146,7 +146,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Image features (B, C, H, W) as H*W tokens through transformer blocks, with a residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, cfg: UNetConfig):
+    def __init__(self, channels: int, heads: int, dim_head: int, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = cfg.use_linear_in_transformer
@@ -154,7 +154,7 @@ class SpatialTransformer(nn.Module):
         proj = (lambda i, o: nn.Linear(i, o)) if self.use_linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, cfg.context_dim) for _ in range(cfg.transformer_depth)
+            BasicTransformerBlock(inner, heads, dim_head, cfg.context_dim) for _ in range(depth)
         )
         self.proj_out = proj(inner, channels)
 
@@ -226,26 +226,30 @@ def _heads(channels: int, cfg: UNetConfig) -> tuple[int, int]:
     return channels // cfg.num_head_channels, cfg.num_head_channels
 
 
-def _level(cfg: UNetConfig, ch_in: int, ch_out: int, ds: int) -> TimestepEmbedSequential:
+def _level(cfg: UNetConfig, ch_in: int, ch_out: int, ds: int, level: int) -> TimestepEmbedSequential:
     layers: list[nn.Module] = [ResBlock(ch_in, cfg.model_channels * 4, ch_out, cfg.norm_groups, cfg.dropout)]
     if ds in cfg.attention_resolutions:
-        layers.append(SpatialTransformer(ch_out, *_heads(ch_out, cfg), cfg))
+        layers.append(SpatialTransformer(ch_out, *_heads(ch_out, cfg), cfg, cfg.depth(level)))
     return TimestepEmbedSequential(*layers)
 
 
 class UNetModel(nn.Module):
-    """x: (B, in_channels, h, w), t: (B,), context: (B, L, context_dim) -> (B, out_channels, h, w)."""
+    """x: (B, in_channels, h, w), t: (B,), context: (B, L, context_dim), y: (B, adm_in_channels) for
+    UNets with an added vector embedding (SDXL) -> (B, out_channels, h, w)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:  # SDXL: a vector (pooled text + size conditions) added to the time embedding
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.input_blocks.append(_level(cfg, ch, mult * mc, ds))
+                self.input_blocks.append(_level(cfg, ch, mult * mc, ds, level))
                 ch = mult * mc
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -254,13 +258,13 @@ class UNetModel(nn.Module):
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim, ch, cfg.norm_groups, cfg.dropout),
-            SpatialTransformer(ch, *_heads(ch, cfg), cfg),
+            SpatialTransformer(ch, *_heads(ch, cfg), cfg, cfg.depth(-1)),
             ResBlock(ch, emb_dim, ch, cfg.norm_groups, cfg.dropout),
         )
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                block = _level(cfg, ch + skip_channels.pop(), mult * mc, ds)
+                block = _level(cfg, ch + skip_channels.pop(), mult * mc, ds, level)
                 ch = mult * mc
                 if level and i == cfg.num_res_blocks:
                     block.append(Upsample(ch))
@@ -268,8 +272,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(block)
         self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(t, x.shape[0])
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, x.shape[0], y)
         dtype = emb.dtype
         h, context = x.to(dtype), context.to(dtype)
         h, skips = self.encode(h, emb, context)
@@ -278,10 +283,20 @@ class UNetModel(nn.Module):
 
     # The stages of `forward`, public so that adapters (DeepCache) compose them instead of copying.
 
-    def embed(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """Timesteps (B,) or () -> the time embedding (B, 4 * model_channels) in the weights' dtype."""
+    def embed(self, t: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Timesteps (B,) or () and the vector y (B, adm) of UNets that take one -> the embedding
+        (B, 4 * model_channels) in the weights' dtype."""
         dtype = self.time_embed[0].weight.dtype
-        return self.time_embed(timestep_embedding(t.expand(batch), self.cfg.model_channels).to(dtype))
+        emb = self.time_embed(timestep_embedding(t.expand(batch), self.cfg.model_channels).to(dtype))
+        adm = self.cfg.adm_in_channels
+        if (y is None) != (adm == 0):
+            raise ValueError(f"this UNet takes a vector of {adm} values (SDXL's pooled text and sizes)" if adm
+                             else "this UNet takes no vector (only SDXL-type UNets do)")
+        if y is not None:
+            if y.shape != (batch, adm):
+                raise ValueError(f"the UNet's vector must be ({batch}, {adm}), got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y.to(dtype))
+        return emb
 
     def encode(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                stop: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -6,7 +6,8 @@ x / sqrt(1 + sigma^2) at an integer timestep t, so the adapter scales the input 
 to t. Guidance is a wrapper around a denoiser with the same call; image conditioning (inpainting's
 mask and masked image) travels in the `Condition` and is appended to the UNet input here.
 
-UNet contract: `unet(x_in: (B, C, h, w), t: (B,) float, context: (B, L, D)) -> (B, C, h, w)`.
+UNet contract: `unet(x_in: (B, C, h, w), t: (B,) float, context: (B, L, D)) -> (B, C, h, w)`; UNets
+with an added vector embedding (SDXL) take it as a fourth argument, `y: (B, adm)`.
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ class DiscreteDenoiser(nn.Module):
         """x: (B, C, h, w) noisy latents in VE space; sigma: (B,); cond: a `Condition` (or bare
         cross-attention states (B, L, D)) -> x0 (B, C, h, w)."""
         cond = Condition.of(cond)
-        if cond.vector is not None:
-            raise NotImplementedError("this UNet takes no pooled vector (Condition.vector)")
         s = sigma.view(-1, *[1] * (x.ndim - 1))
         c_in = (s**2 + 1) ** -0.5  # = sqrt(alpha_cumprod): VE -> VP
         x_in = (x * c_in).to(x.dtype)
         if cond.concat is not None:  # image channels, unscaled, as the UNet was trained ("concat")
             x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
-        out = self.unet(x_in, self.sigma_to_t(sigma), cond.crossattn)
+        t = self.sigma_to_t(sigma)
+        if cond.vector is None:
+            out = self.unet(x_in, t, cond.crossattn)
+        else:
+            out = self.unet(x_in, t, cond.crossattn, cond.vector)
         if self.prediction == "eps":
             return (x - s * out).to(x.dtype)
         # v = sqrt(a) eps - sqrt(1-a) x0_vp (Salimans & Ho 2022), rewritten in VE terms:

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import trange
 
 from sdtorch.config import ScheduleConfig
-from sdtorch.sampling.schedule import init_noise_sigma
+from sdtorch.sampling.schedule import init_noise_sigma, sigma_to_t, training_sigmas, ve_latents
 from sdtorch.sampling.schedulers import LABELS, check_scheduler, grid
 
 Model = Callable[..., torch.Tensor]
@@ -344,7 +344,7 @@ def sample(name: str, make_model: Callable[[bool], Model], noise: torch.Tensor, 
            schedule: ScheduleConfig, *, extra_args: dict | None = None, callback: Callable | None = None,
            generator: torch.Generator | None = None, eta: float = 0.0, disable: bool | None = None,
            prediction: str = "eps", init: torch.Tensor | None = None, start: int = 0,
-           scheduler: str = "automatic") -> torch.Tensor:
+           scheduler: str = "automatic", stop: int | None = None, noised: bool = False) -> torch.Tensor:
     """Run sampler `name` for `steps` steps on the grid of `scheduler` from unit `noise`
     (B, C, h, w); return latents in the reference's VP space, equal to diffusers' final latents.
     `make_model(quantize)` builds the denoiser `model(x, sigma, **extra_args) -> x0`; see the module
@@ -353,7 +353,12 @@ def sample(name: str, make_model: Callable[[bool], Model], noise: torch.Tensor, 
 
     img2img: with clean latents `init`, the walk starts at grid index `start` from
     x = init + sigmas[start] * noise (diffusers' `add_noise` in VE space) and takes
-    steps - start steps; with start == steps nothing is sampled and `init` comes back."""
+    steps - start steps; with start == steps nothing is sampled and `init` comes back.
+
+    Hand-off between two models (SDXL base -> refiner; diffusers' denoising_end / denoising_start):
+    `stop` ends the walk at grid index `stop` and returns the still-noisy latents there, and
+    `noised` says `init` is such latents (at grid index `start`), taken as they are; both in the
+    reference's space for the sampler (`schedule.ve_latents`)."""
     base, scheduler = resolve(name, scheduler)
     sampler = SAMPLERS[base]
     if not isinstance(steps, int) or steps <= 0:
@@ -367,11 +372,31 @@ def sample(name: str, make_model: Callable[[bool], Model], noise: torch.Tensor, 
         return init
     else:
         sigmas = sigmas[start:]
-        x = init + noise * sigmas[0].item()
+        ve = ve_latents(native)
+        x = (init if ve else init * (1 + sigmas[0].item() ** 2) ** 0.5) if noised else init + noise * sigmas[0].item()
+    if stop is not None:
+        if not start < stop <= steps:
+            raise ValueError(f"stop must be in {start + 1}..{steps}, got {stop}")
+        sigmas = sigmas[: stop - start + 1]
     kwargs = {"eta": eta} if sampler.eta else {}
     if sampler.fn is sample_plms:
         kwargs["combine"] = prediction  # the reference mixes raw model outputs
     x = sampler.fn(make_model(sampler.quantize), x, sigmas, extra_args, callback, disable,
                    generator=generator, **kwargs)
+    if stop is not None and stop < steps and ve_latents(native):
+        return x
     # DDIM and PLMS stop at sigma(t=0) > 0: hand back the VP latent diffusers returns.
     return x / (1 + sigmas[-1].item() ** 2) ** 0.5
+
+
+def handoff_index(name: str, steps: int, schedule: ScheduleConfig, fraction: float,
+                  scheduler: str = "automatic") -> int:
+    """The grid index where a denoising_end / denoising_start `fraction` splits a run (diffusers'
+    rule: the steps whose timestep is >= round(T * (1 - fraction)) belong to the first model)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"a hand-off fraction must be in (0, 1), got {fraction!r}")
+    base, scheduler = resolve(name, scheduler)
+    sigmas, _ = grid(base, scheduler, steps, schedule)
+    t = sigma_to_t(sigmas[:-1], training_sigmas(schedule)).round()
+    cutoff = round(schedule.num_train_timesteps * (1 - fraction))
+    return int((t >= cutoff).sum())

@@ -194,3 +194,10 @@ def init_noise_sigma(sampler_name: str, sigmas: torch.Tensor, cfg: ScheduleConfi
     if euler_type and cfg.timestep_spacing != "leading":
         return sigma_max
     return math.sqrt(sigma_max**2 + 1)
+
+
+def ve_latents(sampler_name: str | None) -> bool:
+    """Whether the reference hands this sampler's intermediate latents over in VE space
+    (x = x0 + sigma * eps: diffusers' Euler-type schedulers, and k-diffusion grids, None) rather
+    than VP (x / sqrt(1 + sigma^2): DDIM, PNDM, DDPM, DPMSolver, UniPC)."""
+    return sampler_name is None or GRIDS[sampler_name] in (_grid_euler, _grid_euler_karras)
