@@ -237,11 +237,12 @@ SDXL_REFINER = ModelConfig(
     micro=("original_size", "crop", "aesthetic_score"),
 )
 
-# SDXL in miniature (3 levels, transformer depth varying per level, two text encoders of width 32).
+# SDXL in miniature (3 levels, transformer depth varying per level, two text encoders of width 32;
+# the second has 10 layers, as diffusers' single-file loader recognises SDXL by `resblocks.9`).
 TINY_XL = ModelConfig(
     name="tiny-xl",
     clip=replace(TINY.clip, layers=3, clip_skip=2, final_norm=False),
-    clip2=replace(TINY.clip, layers=3, act="gelu", pad_token_id=0, clip_skip=2, final_norm=False, projection_dim=32),
+    clip2=replace(TINY.clip, layers=10, act="gelu", pad_token_id=0, clip_skip=2, final_norm=False, projection_dim=32),
     unet=UNetConfig(
         model_channels=32,
         channel_mult=(1, 2, 2),

@@ -9,14 +9,14 @@ from dataclasses import replace
 import pytest
 from reference_models import Reference, build_reference
 
-from sdtorch.config import SD15, SD21, TINY, ModelConfig
+from sdtorch.config import SD15, SD21, TINY, TINY_XL, ModelConfig
 
 
-def _reference(tmp_path_factory: pytest.TempPathFactory, preset: ModelConfig):
+def _reference(tmp_path_factory: pytest.TempPathFactory, preset: ModelConfig, seed: int = 0):
     """Build a preset's random-weight reference once per session; delete it afterwards
     (a full-size one takes ~8 GB of disk)."""
     root = tmp_path_factory.mktemp(f"{preset.name}_reference")
-    reference = build_reference(preset, root)
+    reference = build_reference(preset, root, seed=seed)
     gc.collect()
     yield reference
     shutil.rmtree(root, ignore_errors=True)
@@ -68,6 +68,35 @@ def sd15_inpaint_reference(tmp_path_factory) -> Reference:
 def sd21_reference(tmp_path_factory) -> Reference:
     """SD 2.1 (768, v-prediction) architecture, random weights (slow: ~4 GB per copy)."""
     yield from _reference(tmp_path_factory, SD21)
+
+
+# The SDXL refiner in miniature: OpenCLIP-type text encoder only (penultimate layer, projected
+# pooled output), aesthetic-score conditioning, one transformer depth for every level.
+TINY_XL_REFINER = replace(
+    TINY_XL, name="tiny-xl-refiner", clip=TINY_XL.clip2, clip2=None, clip_layout="sdxl-refiner",
+    unet=replace(TINY_XL.unet, context_dim=32, adm_in_channels=32 + 5 * 8, transformer_depth=2),
+    micro=("original_size", "crop", "aesthetic_score"),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_reference(tmp_path_factory) -> Reference:
+    """TINY_XL (two text encoders, per-level transformer depth, micro-conditioning) as a diffusers
+    StableDiffusionXLPipeline folder and an original-layout single file."""
+    yield from _reference(tmp_path_factory, TINY_XL)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_refiner_reference(tmp_path_factory) -> Reference:
+    """TINY_XL_REFINER as a StableDiffusionXLImg2ImgPipeline folder and a single file."""
+    yield from _reference(tmp_path_factory, TINY_XL_REFINER, seed=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_inpaint_reference(tmp_path_factory) -> Reference:
+    """TINY_XL with a 9-channel UNet (SDXL inpainting)."""
+    cfg = replace(TINY_XL, name="tiny-xl-inpaint", unet=replace(TINY_XL.unet, in_channels=9))
+    yield from _reference(tmp_path_factory, cfg, seed=20)
 
 
 @pytest.fixture(scope="session")

@@ -38,9 +38,9 @@ def test_split_routes_prefixes_and_skips_only_documented_keys():
     sd["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
     sd["alphas_cumprod"] = torch.zeros(1000)
     sd["model_ema.decay"] = torch.tensor(0.999)
-    u, v, c, layout = checkpoint.split(sd)
-    assert layout == "openclip"
-    assert set(c) == set(clip.state_dict()) and set(u) == set(unet.state_dict())
+    u, v, c, family = checkpoint.split(sd)
+    assert family.layout == "openclip"
+    assert set(c[0]) == set(clip.state_dict()) and set(u) == set(unet.state_dict())
     sd["something.else"] = torch.zeros(1)
     with pytest.raises(checkpoint.CheckpointError, match="unexpected keys.*something.else"):
         checkpoint.split(sd)

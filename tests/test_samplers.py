@@ -369,5 +369,13 @@ def test_condition_concat_is_appended_after_input_scaling_and_batched_by_guidanc
     assert x_in.shape == (4, 9, 3, 3)
     torch.testing.assert_close(x_in[:, :4], torch.cat([x, x]) / 10**0.5)  # c_in = 1 / sqrt(1 + 3^2)
     assert torch.equal(x_in[:, 4:], torch.cat([extra, extra]))  # unscaled, for both halves
-    with pytest.raises(NotImplementedError, match="pooled vector"):
-        DiscreteDenoiser(unet, ScheduleConfig())(x, sigma, Condition(torch.ones(2, 3, 5), vector=torch.ones(2, 8)))
+    # a vector (SDXL) reaches the UNet as its fourth argument, batched like the rest by guidance
+    vectors = []
+
+    def unet_xl(x_in, t, context, y):
+        vectors.append(y)
+        return torch.zeros_like(x_in[:, :4])
+
+    cond, uncond = Condition(torch.ones(2, 3, 5), vector=torch.ones(2, 8)), Condition(torch.ones(2, 3, 5), vector=-torch.ones(2, 8))
+    CFGDenoiser(DiscreteDenoiser(unet_xl, ScheduleConfig()), 5.0)(x, sigma, cond=cond, uncond=uncond)
+    assert torch.equal(vectors[0], torch.cat([torch.ones(2, 8), -torch.ones(2, 8)]))

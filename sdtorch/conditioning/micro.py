@@ -25,12 +25,14 @@ class Micro:
 
     original_size: tuple[int, int]  # (h, w) the training image had
     crop: tuple[int, int] = (0, 0)  # (top, left) of the crop taken from it
-    target_size: tuple[int, int] | None = None  # (h, w); None: the original size
+    target_size: tuple[int, int] | None = None  # (h, w); None: the generated image's (`GenerationParams.micro_of`)
     aesthetic_score: float = 6.0  # refiner only
 
     def values(self, names: tuple[str, ...]) -> list[float]:
+        if "target_size" in names and self.target_size is None:
+            raise ValueError("target_size is not set (GenerationParams.micro_of fills in the image's size)")
         table = {"original_size": self.original_size, "crop": self.crop,
-                 "target_size": self.target_size or self.original_size, "aesthetic_score": (self.aesthetic_score,)}
+                 "target_size": self.target_size, "aesthetic_score": (self.aesthetic_score,)}
         unknown = [n for n in names if n not in table]
         if unknown:
             raise ValueError(f"unknown micro-conditioning {unknown[0]!r}; known: {', '.join(table)}")

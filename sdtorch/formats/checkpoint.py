@@ -137,10 +137,11 @@ def _level_depths(sd: dict, levels: int, per_level: int) -> int | tuple[int, ...
     def count(block: str) -> int:
         return len(_indices(sd, rf"{block}\.1\.transformer_blocks\.(\d+)\."))
 
-    depths = [count(f"input_blocks.{1 + level * (per_level + 1)}") or 1 for level in range(levels)]
+    counts = [count(f"input_blocks.{1 + level * (per_level + 1)}") for level in range(levels)]
     middle = count("middle_block")
-    if len(set(depths) | {middle}) == 1:
+    if len({c for c in counts if c} | {middle}) == 1:
         return middle
+    depths = [c or 1 for c in counts]
     if depths[-1] != middle:
         raise CheckpointError(f"the middle block's transformer depth {middle} differs from the last level's "
                               f"{depths[-1]}: not a supported UNet")

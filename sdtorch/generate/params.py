@@ -39,10 +39,15 @@ class GenerationParams:
 
     def micro_of(self, negative: bool = False) -> Micro:
         """The micro-conditioning of one side, defaults filled in (as diffusers' SDXL pipelines)."""
-        positive = self.micro or Micro((self.height, self.width))
+        size = (self.height, self.width)
+        positive = self.micro or Micro(size)
+        if positive.target_size is None:
+            positive = replace(positive, target_size=size)
         if not negative:
             return positive
-        return self.negative_micro or replace(positive, aesthetic_score=NEGATIVE_AESTHETIC)
+        if self.negative_micro is None:
+            return replace(positive, aesthetic_score=NEGATIVE_AESTHETIC)
+        return self.negative_micro if self.negative_micro.target_size else replace(self.negative_micro, target_size=size)
 
     def seeds(self) -> list[int]:
         """Each image's seed (`sampling.noise.image_seeds`)."""

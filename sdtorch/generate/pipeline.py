@@ -7,6 +7,7 @@ per-step noise draw of the ancestral samplers, in that order.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from pathlib import Path
@@ -225,31 +226,6 @@ class Pipeline:
         generator, noise = self._noise(params, self.latent_shape(params))
         return self._sample(params, generator, noise, callback, progress, stop=stop)
 
-    @torch.no_grad()
-    def finish_latents(self, latents: torch.Tensor, params: GenerationParams, start: int,
-                       callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
-        """Denoise another model's noisy latents from grid index `start` to the end (the SDXL
-        refiner after the base; diffusers' denoising_start): no noise is added, and the step
-        noise of ancestral samplers is drawn from a generator seeded with the request's seed."""
-        validate(params, self.vae.downscale)
-        if params.seed_mode == "diffusers":  # diffusers draws no initial noise here
-            source = torch.Generator("cpu").manual_seed(params.seed)
-        else:
-            source, _ = self._noise(params, latents.shape)
-        return self._sample(params, source, latents, callback, progress, init=latents.to(self.device),
-                            start=start, noised=True)
-
-    @torch.no_grad()
-    def refine_latents(self, refiner: "Pipeline", params: GenerationParams, switch: int,
-                       callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
-        """AUTOMATIC1111's refiner: one sampler run whose model becomes `refiner` at grid index
-        `switch` (its own text encoder and micro-conditioning), the same noise source throughout."""
-        validate(params, self.vae.downscale)
-        source, noise = self._noise(params, self.latent_shape(params))
-        x = self._sample(params, source, noise, callback, progress, stop=switch)
-        return refiner._sample(params, source, x, callback, progress, init=x.to(refiner.device), start=switch,
-                               noised=True)
-
     def _noise(self, params: GenerationParams, shape, generator: torch.Generator | None = None):
         """(the sampler's noise source, initial noise) in the request's seed mode (`sampling.noise`)."""
         return initial_noise(shape, params.seed, mode=params.seed_mode, generator=generator, subseed=params.subseed,
@@ -309,13 +285,22 @@ class Pipeline:
         pixels that do not depend on what else is in the batch). tiled: decode in overlapping
         tiles of `vae_tile` (sdtorch.adapters.tiling); None: as `tile_vae` says."""
         z = latents / self.config.vae.scaling_factor
+        image = self._decode(self.vae, z, tiled)
+        dtype = next(self.vae.parameters()).dtype
+        if dtype != torch.float32 and not bool(torch.isfinite(image).all()):
+            # The SDXL VAE overflows in float16: redo this decode in float32 with a copy (the loaded
+            # VAE is shared by every request and stays as it is), never a black image.
+            log.warning("the VAE's %s decode overflowed (NaN/inf); decoding again in float32", dtype)
+            image = self._decode(copy.deepcopy(self.vae).float(), z.float(), tiled)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _decode(self, vae: AutoencoderKL, z: torch.Tensor, tiled: bool | None) -> torch.Tensor:
         if self._tiled(tiled, z.shape[-2] * z.shape[-1]):
             def decode(x):
-                return tiling.tiled_decode(self.vae, x, tile=self.vae_tile[0], overlap=self.vae_tile[1])
+                return tiling.tiled_decode(vae, x, tile=self.vae_tile[0], overlap=self.vae_tile[1])
         else:
-            decode = self.vae.decode
-        image = torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
-        return (image / 2 + 0.5).clamp(0, 1)
+            decode = vae.decode
+        return torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
 
     def _tiled(self, tiled: bool | None, cells: int) -> bool:
         tiled = self.tile_vae if tiled is None else tiled

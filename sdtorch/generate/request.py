@@ -91,6 +91,19 @@ class GenerationRequest:
     tiling: bool = False  # seamless: circular padding in the UNet and VAE convolutions
     hires: Any = None  # a `sdtorch.generate.hires.HiresFix`: txt2img, upscale, img2img (A1111's hires fix)
     condition: torch.Tensor | None = None  # input of the pipeline's condition encoder (one, or (1 or B, ...))
+    # SDXL micro-conditioning (`sdtorch.conditioning.micro.Micro`); None: the image's size, no crop,
+    # aesthetic score 6 (refiner), the negative side the same with aesthetic score 2.5.
+    micro: Any = None
+    negative_micro: Any = None
+    # Two models in turn (SDXL base -> refiner). diffusers' way: `denoising_end` stops this run there
+    # and returns the noisy latents (`RunResult.latents`); another run continues them from
+    # `init_latents` with `denoising_start` (the same fraction). A1111's way: `refiner` (a loaded
+    # `Pipeline`) takes over at `refiner_switch_at` of the steps within this run.
+    denoising_end: float | None = None
+    denoising_start: float | None = None
+    init_latents: torch.Tensor | None = None
+    refiner: Any = None
+    refiner_switch_at: float = 0.8
 
     @property
     def kind(self) -> str:
@@ -135,11 +148,28 @@ class GenerationRequest:
             raise RequestTypeError("condition", f"condition must be a tensor, got {type(self.condition).__name__}")
         self._validate_adapters()
         self._validate_seeds()
+        self._validate_handoff()
         if self.hires is not None:
             if self.init_image is not None:
                 raise RequestError("hires", "hires fix is for txt2img (no init_image)")
             self.hires.validate()
         return self
+
+    def _validate_handoff(self) -> None:
+        for name in ("denoising_end", "denoising_start", "refiner_switch_at"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1):
+                raise RequestError(name, f"{name} must be a fraction in (0, 1), got {v!r}")
+        if (self.init_latents is None) != (self.denoising_start is None):
+            raise RequestError("init_latents", "init_latents and denoising_start go together (another run's "
+                                               "latents stopped at denoising_end)")
+        if self.init_latents is not None and not isinstance(self.init_latents, torch.Tensor):
+            raise RequestTypeError("init_latents", f"init_latents must be a tensor, got {type(self.init_latents).__name__}")
+        if self.init_latents is not None and self.init_image is not None:
+            raise RequestError("init_latents", "give init_latents or init_image, not both")
+        if self.refiner is not None and (self.init_image is not None or self.denoising_end is not None
+                                         or self.init_latents is not None):
+            raise RequestError("refiner", "a refiner takes over a txt2img run (no init image, no hand-off fractions)")
 
     def _validate_seeds(self) -> None:
         from sdtorch.sampling.noise import SEED_MODES

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from sdtorch.adapters.seamless import seamless
+from sdtorch.generate import handoff
 from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor, sampled_steps
 from sdtorch.generate.params import GenerationParams
 from sdtorch.generate.request import Cancelled, CancelToken, GenerationRequest, RequestError
@@ -113,13 +114,34 @@ def _latent_second_pass(pipe, second: GenerationRequest, latents: torch.Tensor, 
 
 
 def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress: bool) -> torch.Tensor:
+    if request.init_latents is not None:
+        params.extra["Denoising start"] = request.denoising_start
+        return handoff.finish_latents(pipe, request.init_latents, params,
+                                      _handoff(pipe, params, request.denoising_start), callback, progress)
+    if request.refiner is not None:
+        refiner = request.refiner
+        name = refiner.path.stem if refiner.path else refiner.config.name
+        params.extra |= {"Refiner": f"{name} [{refiner.model_hash()}]" if refiner.model_hash() else name,
+                         "Refiner switch at": request.refiner_switch_at}
+        switch = int(params.steps * request.refiner_switch_at)  # A1111: from this step on
+        if switch >= params.steps:
+            return pipe.generate_latents(params, callback, progress)
+        with request.refiner.lock:
+            return handoff.refine_latents(pipe, request.refiner, params, switch, callback, progress)
     if pixels is None:
-        return pipe.generate_latents(params, callback, progress)
+        stop = None if request.denoising_end is None else _handoff(pipe, params, request.denoising_end)
+        return pipe.generate_latents(params, callback, progress, stop=stop)
     params.extra["Denoising strength"] = request.strength
     if request.mask is None:
         return pipe.img2img_latents(pixels, params, request.strength, callback, progress)
     mask = mask_tensor(request.mask, pixels.shape[-1], pixels.shape[-2])
     return pipe.inpaint_latents(pixels, mask, params, request.strength, callback, progress)
+
+
+def _handoff(pipe, params, fraction: float) -> int:
+    from sdtorch.sampling.schedulers import handoff_index
+
+    return handoff_index(*samplers.resolve(params.sampler, params.scheduler), params.steps, pipe.config.schedule, fraction)
 
 
 class _Stop(Exception):
@@ -130,7 +152,11 @@ class _Stop(Exception):
 
 def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
     size = pipe.config.sample_size
-    size_h, size_w = pixels.shape[-2:] if pixels is not None else (r.height or size, r.width or size)
+    f = pipe.vae.downscale
+    if r.init_latents is not None:
+        size_h, size_w = (n * f for n in r.init_latents.shape[-2:])
+    else:
+        size_h, size_w = pixels.shape[-2:] if pixels is not None else (r.height or size, r.width or size)
     sampler, scheduler = samplers.resolve(r.sampler, r.scheduler)
     if scheduler == "karras" and f"{sampler}_karras" in samplers.ALIASES:  # the combined name, as 0.1 wrote it
         sampler, scheduler = f"{sampler}_karras", "automatic"
@@ -138,7 +164,7 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
                             r.batch_size, r.eta, r.clip_skip, scheduler=scheduler, seed_mode=r.seed_mode,
                             subseed=r.subseed, subseed_strength=r.subseed_strength,
                             seed_resize_from=tuple(r.seed_resize_from), condition=r.condition,
-                            extra=_extra(r))
+                            micro=r.micro, negative_micro=r.negative_micro, extra=_extra(r))
 
 
 def _extra(r: GenerationRequest) -> dict:

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import trange
 
 from sdtorch.config import ScheduleConfig
-from sdtorch.sampling.schedule import init_noise_sigma, sigma_to_t, training_sigmas, ve_latents
+from sdtorch.sampling.schedule import init_noise_sigma, ve_latents
 from sdtorch.sampling.schedulers import LABELS, check_scheduler, grid
 
 Model = Callable[..., torch.Tensor]
@@ -388,15 +388,3 @@ def sample(name: str, make_model: Callable[[bool], Model], noise: torch.Tensor, 
     # DDIM and PLMS stop at sigma(t=0) > 0: hand back the VP latent diffusers returns.
     return x / (1 + sigmas[-1].item() ** 2) ** 0.5
 
-
-def handoff_index(name: str, steps: int, schedule: ScheduleConfig, fraction: float,
-                  scheduler: str = "automatic") -> int:
-    """The grid index where a denoising_end / denoising_start `fraction` splits a run (diffusers'
-    rule: the steps whose timestep is >= round(T * (1 - fraction)) belong to the first model)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"a hand-off fraction must be in (0, 1), got {fraction!r}")
-    base, scheduler = resolve(name, scheduler)
-    sigmas, _ = grid(base, scheduler, steps, schedule)
-    t = sigma_to_t(sigmas[:-1], training_sigmas(schedule)).round()
-    cutoff = round(schedule.num_train_timesteps * (1 - fraction))
-    return int((t >= cutoff).sum())

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from sdtorch.config import ScheduleConfig
-from sdtorch.sampling.schedule import GRIDS, get_sigmas_karras, sampling_sigmas, t_to_sigma, training_sigmas
+from sdtorch.sampling.schedule import GRIDS, get_sigmas_karras, sampling_sigmas, sigma_to_t, t_to_sigma, training_sigmas
 
 
 def _ends(cfg: ScheduleConfig) -> tuple[float, float]:
@@ -104,3 +104,14 @@ def grid(sampler: str, scheduler: str, steps: int, cfg: ScheduleConfig) -> tuple
     if not 0 < steps <= cfg.num_train_timesteps:
         raise ValueError(f"steps must be in 1..{cfg.num_train_timesteps}, got {steps}")
     return SCHEDULES[scheduler](steps, cfg).float(), None
+
+
+def handoff_index(sampler: str, scheduler: str, steps: int, cfg: ScheduleConfig, fraction: float) -> int:
+    """The grid index where a denoising_end / denoising_start `fraction` splits a run of `sampler`
+    (a base name, as `samplers.resolve` gives it) between two models; diffusers' rule: the steps
+    whose timestep is >= round(T * (1 - fraction)) belong to the first."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"a hand-off fraction must be in (0, 1), got {fraction!r}")
+    sigmas, _ = grid(sampler, scheduler, steps, cfg)
+    t = sigma_to_t(sigmas[:-1], training_sigmas(cfg)).round()
+    return int((t >= round(cfg.num_train_timesteps * (1 - fraction))).sum())
