@@ -5,11 +5,13 @@ convolution `down` is a conv with the layer's kernel, stride and padding and `up
 (kohya's LoCon). Files name the layer in one of these spellings:
 
 - kohya / AUTOMATIC1111 / ComfyUI / Civitai: `lora_unet_<diffusers module path, "." -> "_">` and
-  `lora_te_<transformers CLIPTextModel path, "." -> "_">` (SD 2's OpenCLIP encoder too), each with
-  `.lora_down.weight`, `.lora_up.weight` and `.alpha`; UNet names in the original layout
-  (`lora_unet_input_blocks_4_1_proj_in`) are accepted as well.
+  `lora_te_<transformers CLIPTextModel path, "." -> "_">` (SD 2's OpenCLIP encoder too; SDXL's two
+  encoders are `lora_te1_` and `lora_te2_`), each with `.lora_down.weight`, `.lora_up.weight` and
+  `.alpha`; UNet names in the original layout (`lora_unet_input_blocks_4_1_proj_in`, as kohya
+  writes SDXL LoRAs) are accepted as well.
 - diffusers / PEFT: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` and
-  `text_encoder.<transformers path>...` (older diffusers: `.lora.down.weight` / `.lora.up.weight`).
+  `text_encoder.<transformers path>...` (SDXL's second: `text_encoder_2.`; older diffusers:
+  `.lora.down.weight` / `.lora.up.weight`).
   The scale comes from `.alpha` keys, else from the `lora_adapter_metadata` JSON diffusers writes
   (`lora_alpha`, `alpha_pattern`, `use_rslora`), else it is 1.
 
@@ -40,7 +42,7 @@ from sdtorch.formats.files import sha256
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import UNetModel
 
-Target = tuple[str, str]  # ("unet" | "clip", module path in sdtorch = the original checkpoint layout)
+Target = tuple[str, str]  # ("unet" | "clip" | "clip2", module path in sdtorch = the original checkpoint layout)
 SUFFIXES = (".safetensors", ".pt", ".ckpt")  # what `resolve_lora` looks for, in this order
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata key (a LoraConfig per model)
 _KINDS = {  # key suffix -> what the tensor is
@@ -50,8 +52,11 @@ _KINDS = {  # key suffix -> what the tensor is
     ".alpha": "alpha",
 }
 _KOHYA_PREFIXES = {"unet": "lora_unet_", "clip": "lora_te_"}
+_KOHYA_TWO_ENCODERS = {"clip": "lora_te1_", "clip2": "lora_te2_"}  # SDXL
+_DIFFUSERS_TEXT = {"clip": "text_encoder", "clip2": "text_encoder_2"}
 _UNSUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", "lora_mid": "LoCon with a Tucker core",
-                "dora_scale": "DoRA", "lora_te1_": "SDXL", "lora_te2_": "SDXL"}
+                "dora_scale": "DoRA"}
+_SDXL_ONLY = ("lora_te1_", "lora_te2_", "text_encoder_2.")  # keys of LoRAs for two text encoders
 
 # Layers a trained LoRA adapts, by group (`sdtorch train lora --layers`). kohya's default network
 # is attn + ff + proj (every Linear / 1x1 conv of the transformers); its `conv_dim` adds "conv".
@@ -156,7 +161,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-def layer_names(unet: UNetModel, clip: ClipTextModel) -> dict[str, Target]:
+def layer_names(unet: UNetModel, clip: ClipTextModel, clip2: ClipTextModel | None = None) -> dict[str, Target]:
     """Every spelling LoRA files use for every adaptable layer -> the layer."""
     names: dict[str, Target] = {}
 
@@ -166,10 +171,13 @@ def layer_names(unet: UNetModel, clip: ClipTextModel) -> dict[str, Target]:
 
     for path, diffusers in diffusers_paths(unet.cfg, list(_layers(unet))).items():
         add([_kohya("unet", diffusers), _kohya("unet", path), f"unet.{diffusers}", diffusers], ("unet", path))
-    for path in _layers(clip):
-        short = path.removeprefix("text_model.")  # transformers >= 5 CLIPTextModel has no `text_model.`
-        add([_kohya("clip", path), _kohya("clip", short), f"text_encoder.{path}", f"text_encoder.{short}"],
-            ("clip", path))
+    kohya = _KOHYA_PREFIXES if clip2 is None else _KOHYA_TWO_ENCODERS
+    for model, encoder in (("clip", clip), ("clip2", clip2)):
+        for path in _layers(encoder) if encoder is not None else ():
+            short = path.removeprefix("text_model.")  # transformers >= 5 CLIPTextModel has no `text_model.`
+            prefix, diffusers = kohya[model], _DIFFUSERS_TEXT[model]
+            add([prefix + path.replace(".", "_"), prefix + short.replace(".", "_"), f"{diffusers}.{path}",
+                 f"{diffusers}.{short}"], (model, path))
     return names
 
 
@@ -183,7 +191,8 @@ def _kohya(model: str, path: str) -> str:
 
 def load(source: str | Path | dict[str, Tensor], unet: UNetModel, clip: ClipTextModel, *,
          metadata: dict[str, str] | None = None, name: str | None = None,
-         dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoRANetwork:
+         dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+         clip2: ClipTextModel | None = None) -> LoRANetwork:
     """Read a LoRA file (.safetensors, or .pt/.ckpt with weights_only=True) or state dict in any
     of the formats above into a network for these models. Raises LoRAError naming the keys that
     match no layer, incomplete pairs and shapes that do not fit."""
@@ -198,12 +207,12 @@ def load(source: str | Path | dict[str, Tensor], unet: UNetModel, clip: ClipText
     if not sd:
         raise LoRAError(f"{name}: the file holds no tensors")
     groups, unknown = _group(sd)
-    names = layer_names(unet, clip)
+    names = layer_names(unet, clip, clip2)
     unknown += [f"{g}.*" for g in groups if g not in names]
     if unknown:
-        raise LoRAError(_unknown_message(name, unknown))
+        raise LoRAError(_unknown_message(name, unknown, two_encoders=clip2 is not None))
     peft = json.loads(meta[PEFT_METADATA]) if PEFT_METADATA in meta else {}
-    models = {"unet": unet, "clip": clip}
+    models = {"unet": unet, "clip": clip, "clip2": clip2}
     seen: dict[Target, str] = {}
     loras = []
     for group, parts in groups.items():
@@ -238,9 +247,11 @@ def _group(sd: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], list[st
     return groups, unknown
 
 
-def _unknown_message(name: str, unknown: list[str]) -> str:
+def _unknown_message(name: str, unknown: list[str], two_encoders: bool = False) -> str:
     kinds = sorted({v for k, v in _UNSUPPORTED.items() if any(k in u for u in unknown)})
     hint = f" ({', '.join(kinds)} files are not supported)" if kinds else ""
+    if not two_encoders and any(u.startswith(_SDXL_ONLY) for u in unknown):
+        hint += " (an SDXL LoRA, for two text encoders; this model has one)"
     return f"{name}: keys that match no LoRA layer of this model{hint}: {_few(sorted(unknown))}"
 
 
@@ -311,8 +322,8 @@ class Applied:
 class LoRAStack:
     """The LoRAs applied to a UNet and text encoder, in order; each with its own strength."""
 
-    def __init__(self, unet: nn.Module, clip: nn.Module):
-        self.models = {"unet": unet, "clip": clip}
+    def __init__(self, unet: nn.Module, clip: nn.Module, clip2: nn.Module | None = None):
+        self.models = {"unet": unet, "clip": clip, "clip2": clip2}
         self.applied: list[Applied] = []
 
     def add(self, network: LoRANetwork, strength: float = 1.0, *, merge: bool = False) -> Applied:

@@ -23,5 +23,5 @@ class PromptLoRAs:
         for name, strength in tags:
             if name not in self.networks:
                 self.networks[name] = load(resolve_lora(name, self.directory), self.pipe.unet, self.pipe.clip,
-                                           dtype=self.pipe.dtype, device=self.pipe.device)
+                                           dtype=self.pipe.dtype, device=self.pipe.device, clip2=self.pipe.clip2)
             self.active.append(self.pipe.loras.add(self.networks[name], strength))

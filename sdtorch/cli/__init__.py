@@ -69,6 +69,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA file (kohya/A1111/ComfyUI/Civitai or diffusers format) with a "
                    "strength (default 1); repeatable")
+    p.add_argument("--refiner", metavar="PATH", default=None,
+                   help="SDXL refiner checkpoint: takes over at --refiner-switch-at of the steps (A1111's refiner)")
+    p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F")
+    p.add_argument("--low-memory", action="store_true",
+                   help="free the text encoders once the prompts are encoded (SDXL's bigG is 1.4 GB in bf16)")
     p.add_argument("--lora-dir", metavar="DIR", default=None,
                    help="folder the prompt's <lora:NAME:STRENGTH> tags are looked up in")
     _memory_options(p)
@@ -92,6 +97,7 @@ def _set_memory_options(pipe, args: argparse.Namespace) -> None:
         raise ValueError(f"--tile-overlap must be in [0, tile size {tile}), got {overlap}")
     pipe.tile_vae, pipe.vae_tile = args.tile_vae, (tile, overlap)
     pipe.attention_chunk = args.attention_chunk
+    pipe.low_memory = args.low_memory
 
 
 def _prompt_options(p: argparse.ArgumentParser) -> None:
@@ -207,6 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"{args.deep_cache_branch}")
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
     _set_memory_options(pipe, args)
+    args.refiner_pipe = load(args.refiner, dtype=args.dtype) if args.refiner else None
     pipe.deep_cache = (args.deep_cache, args.deep_cache_branch) if args.deep_cache > 1 else None
     for spec in args.lora:
         pipe.load_lora(*_lora_spec(spec))
@@ -297,6 +304,7 @@ def _request(args: argparse.Namespace, seed: int):
         seed_mode=args.seed_mode, subseed=-1 if args.subseed is None else args.subseed,
         subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
         hires=_hires(args), condition=_condition(getattr(args, "condition", None)),
+        refiner=getattr(args, "refiner_pipe", None), refiner_switch_at=args.refiner_switch_at,
     ).validate()
 
 
@@ -335,31 +343,6 @@ def _save_all(images, out: Path, seed: int) -> None:
         print(save_png(image, out / f"{start + i:05d}-{seed}.png"))
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from sdtorch.families import describe
-    from sdtorch.formats import checkpoint
-
-    ckpt = checkpoint.read(args.path, prediction=args.prediction)
-    cfg = ckpt.config
-    n = {name: sum(t.numel() for t in sd.values()) for name, sd in
-         (("UNet", ckpt.unet), ("VAE", ckpt.vae), ("text encoder", ckpt.clip))}
-    print(f"{args.path}: {describe(cfg)}")
-    print(f"  prediction: {cfg.prediction} ({ckpt.prediction_source})")
-    print(f"  weights: {str(ckpt.dtype).removeprefix('torch.')}, " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in n.items()))
-    u = cfg.unet
-    print(f"  UNet: {u.in_channels} in-channels, {u.model_channels}x{list(u.channel_mult)}, "
-          f"context {u.context_dim}, {'linear' if u.use_linear_in_transformer else 'conv'} projections")
-    c = cfg.clip
-    print(f"  text encoder: {cfg.clip_layout} layout, {c.layers} layers x {c.width}, clip skip {c.clip_skip}")
-    print(f"  native size: {cfg.sample_size}x{cfg.sample_size}")
-    if ckpt.encoder_spec is not None:
-        e = ckpt.encoder_spec
-        count = sum(t.numel() for t in ckpt.encoder.values())
-        print(f"  condition encoder: {e.get('kind')} backbone, {e.get('tokens')} tokens x {e.get('dim')}, "
-              f"mode {e.get('mode')}, {count / 1e6:.2f}M (generate --condition FILE)")
-    return 0
-
-
 def _worker(args: argparse.Namespace) -> int:
     from sdtorch.serve.cluster import run_worker
 
@@ -377,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        from sdtorch.cli.info import cmd_info
         from sdtorch.cli.train import cmd_train
         from sdtorch.training.data import cmd_dataset
 

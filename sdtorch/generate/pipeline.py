@@ -68,7 +68,7 @@ class Pipeline:
         self.embedding_files: dict[str, Path] = {}  # trigger word -> its file (for "TI hashes")
         # lora_loader([(name, multiplier)]) makes exactly those LoRAs active; None: no LoRA directory
         self.lora_loader: Callable[[list[tuple[str, float]]], None] | None = None
-        self.loras = lora.LoRAStack(unet, clip)  # LoRAs applied now, in order (`load_lora`)
+        self.loras = lora.LoRAStack(unet, clip, clip2)  # LoRAs applied now, in order (`load_lora`)
         self.lora_cache: dict = {}  # (path, size, mtime) -> LoRANetwork of requests' LoRAs (`run`)
         # The VAE in overlapping tiles (sdtorch.adapters.tiling): True, False, or None = for images of more
         # than tiling.AUTO_CELLS latent cells; tile size and overlap in latent cells.
@@ -78,6 +78,7 @@ class Pipeline:
         # DeepCache (sdtorch.adapters.deepcache): (interval, branch) reuses deep UNet features between
         # full calls; an approximation, None = off.
         self.deep_cache: tuple[int, int] | None = None
+        self.low_memory = False  # free the text encoders once a run's prompts are encoded
         # Per-request settings (`run`) are applied to the fields above for the length of one run
         # and restored after it; this lock makes those scoped patches safe across threads.
         self.lock = threading.RLock()
@@ -133,15 +134,14 @@ class Pipeline:
         """prompts -> (text states (B, 77·k, width), the pooled text (B, P) of models that use it).
 
         syntax (default `self.prompt_syntax`): "a1111" reads AUTOMATIC1111's emphasis, BREAK,
-        textual-inversion names and prompts of any length in chunks of 75 tokens (see
-        `sdtorch.conditioning.prompts`; `<lora:...>` tags are dropped here, `generate` applies them); "plain"
-        is the reference's encoding, truncated to 77 tokens (k = 1). A prompt of at most 75
-        tokens without special syntax gives the same states either way, bit for bit.
-        tags_removed: the prompts' LoRA tags are already out (`parse_prompt`).
-        With two text encoders (SDXL) each reads the prompt with its own padding and emphasis and
+        textual-inversion names and prompts of any length in chunks of 75 tokens (`<lora:...>` tags
+        dropped; `sdtorch.conditioning.prompts`); "plain" is the reference's encoding, truncated to 77
+        tokens. tags_removed: the prompts' LoRA tags are already out (`parse_prompt`). With two text encoders (SDXL) each reads the prompt with its own padding and emphasis and
         their states are concatenated; the pooled text is the projecting encoder's (its first chunk).
         """
         syntax = syntax or self.prompt_syntax
+        if self.clip.text_model.final_layer_norm.weight.is_meta:
+            raise RuntimeError("this pipeline's text encoders were freed after encoding (low_memory); load it again")
         if syntax not in ("a1111", "plain"):
             raise ValueError(f"prompt syntax must be 'a1111' or 'plain', got {syntax!r}")
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -201,6 +201,8 @@ class Pipeline:
         """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets);
         stop / noised: a hand-off between two models (`samplers.sample`)."""
         text = conditions(self, params, concat)  # the prompt read once (LoRAs applied), or the encoder's tokens
+        for clip in self.text_encoders if self.low_memory else ():  # weights released, modules kept (meta)
+            clip.to_empty(device="meta")
 
         def make_model(quantize: bool):
             model = self.denoiser(params.cfg_scale, quantize, text.scheduled)
@@ -358,7 +360,7 @@ class Pipeline:
         """Apply a LoRA file (kohya / A1111 / ComfyUI / Civitai, or diffusers / PEFT format) to the
         UNet and text encoder with `strength`; several stack. Dynamic (forward hooks) by default;
         merge=True folds it into the weights (`self.loras.merge/unmerge` switch later)."""
-        network = lora.load(path, self.unet, self.clip, dtype=self.dtype, device=self.device)
+        network = lora.load(path, self.unet, self.clip, dtype=self.dtype, device=self.device, clip2=self.clip2)
         return self.loras.add(network, strength, merge=merge)
 
     def set_lora_dir(self, directory: str | Path) -> None:

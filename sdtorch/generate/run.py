@@ -232,7 +232,8 @@ def _network(pipe, path):
     st = path.stat()
     key = (path.resolve(), st.st_size, st.st_mtime_ns)
     if key not in pipe.lora_cache:
-        pipe.lora_cache[key] = lora.load(path, pipe.unet, pipe.clip, dtype=pipe.dtype, device=pipe.device)
+        pipe.lora_cache[key] = lora.load(path, pipe.unet, pipe.clip, dtype=pipe.dtype, device=pipe.device,
+                                          clip2=pipe.clip2)
     return pipe.lora_cache[key]
 
 

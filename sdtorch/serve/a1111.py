@@ -175,6 +175,8 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         raise RequestError(_a1111_field(e.field), str(e)) from None
     if lora_exists is not None and not req.disable_extra_networks:
         _check_loras(prompt, lora_exists)
+    if req.refiner_checkpoint and req.refiner_switch_at != 1:  # the worker attaches the loaded refiner
+        base = replace(base, refiner_switch_at=req.refiner_switch_at or 0.8)
     return Plan([_replace_seed(base, i * req.batch_size) for i in range(req.n_iter)], finish)
 
 
@@ -239,8 +241,8 @@ def _refuse_unsupported(req: _Common) -> None:
             _refuse(name, f"only the sampler's default ({neutral}) is supported, got {v}")
     if req.token_merging_ratio or req.token_merging_ratio_hr:
         _refuse("token_merging_ratio", "token merging is not supported")
-    if req.refiner_checkpoint:
-        _refuse("refiner_checkpoint", "refiners are not supported yet")
+    if req.refiner_switch_at is not None and not 0 < req.refiner_switch_at <= 1:
+        _refuse("refiner_switch_at", f"must be in (0, 1], got {req.refiner_switch_at}")
     if req.firstpass_image:
         _refuse("firstpass_image", "a given first-pass image is not supported")
     if req.script_name:

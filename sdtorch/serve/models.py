@@ -83,6 +83,7 @@ class Models:
         self.dtype, self.lora_dir, self.embeddings_dir = dtype, lora_dir, embeddings_dir
         self._lock = threading.Lock()
         self._loaded: tuple[str, Pipeline] | None = None
+        self._refiner: tuple[str, Pipeline] | None = None  # the SDXL refiner requests name (one kept loaded)
         self.refresh()
         self.default = self._by_path(self.default_path).title
 
@@ -129,6 +130,17 @@ class Models:
                 pipe.load_embeddings(self.embeddings_dir)
             self._loaded = (entry.title, pipe)
             return pipe
+
+    def refiner(self, name: str) -> Pipeline:
+        """The loaded refiner a request names (A1111's refiner_checkpoint), loading it if needed;
+        it is kept beside the main model (A1111 swaps them within a run)."""
+        with self._lock:
+            entry = self.find(name)
+            if self._refiner is None or self._refiner[0] != entry.title:
+                self._refiner = None
+                log.warning("loading refiner %s", entry.path)
+                self._refiner = (entry.title, load(entry.path, dtype=self.dtype))
+            return self._refiner[1]
 
     @property
     def loaded(self) -> tuple[str, Pipeline] | None:

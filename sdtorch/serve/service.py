@@ -131,6 +131,11 @@ class Service:
             model = self.models.find(over.get("sd_model_checkpoint", self.options["sd_model_checkpoint"])).title
         except KeyError as e:
             raise RequestError("sd_model_checkpoint", f"sd_model_checkpoint: {e.args[0]}") from None
+        if req.refiner_checkpoint:
+            try:
+                self.models.find(req.refiner_checkpoint)
+            except KeyError as e:
+                raise RequestError("refiner_checkpoint", f"refiner_checkpoint: {e.args[0]}") from None
         native, downscale = self._geometry(model)
         seed, subseed = a1111.resolve_seeds(req)
         options = dict(self.options)

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from sdtorch.families import concat_kind
@@ -181,6 +181,9 @@ class Worker:
                           options=job.request["options"], limits=self.limits, seed=job.request["seed"],
                           subseed=job.request["subseed"], styles=self.styles, seed_mode=self.seed_mode)
         runs = plan.runs
+        if req.refiner_checkpoint and req.refiner_switch_at != 1:  # A1111: the refiner takes over within each run
+            refiner = self.models.refiner(req.refiner_checkpoint)
+            runs = [replace(r, refiner=refiner) for r in runs]
         per_run = total_steps(runs[0])
         p = self.progress
         p.job, p.kind, p.started = job.id, job.kind, time.monotonic()
