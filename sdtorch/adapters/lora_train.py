@@ -41,8 +41,10 @@ def new_network(unet: UNetModel, clip: ClipTextModel, *, rank: int = 4, alpha: f
 
 
 def kohya_state_dict(network: LoRANetwork, cfg: UNetConfig) -> dict[str, Tensor]:
-    """The network as kohya's sd-scripts saves it (`lora_unet_<diffusers path>`, `lora_te_...`)."""
-    unet_paths = diffusers_paths(cfg, [p for m, p in network.targets if m == "unet"])
+    """The network as kohya's sd-scripts saves it (`lora_unet_<diffusers path>`, `lora_te_...`; for
+    SDXL UNets, as its sdxl scripts do, the original-layout path)."""
+    paths = [p for m, p in network.targets if m == "unet"]
+    unet_paths = {p: p for p in paths} if cfg.adm_in_channels else diffusers_paths(cfg, paths)
     sd = {}
     for (model, path), lora in zip(network.targets, network.loras):
         name = _kohya(model, unet_paths[path] if model == "unet" else path)

@@ -195,7 +195,7 @@ def _lora_job(args, pipe, cfg, *, rank: int, text_encoder: bool, metadata: dict[
     metadata = {"ss_sd_model_name": Path(args.checkpoint).name, "ss_learning_rate": str(cfg.lr),
                 "ss_max_train_steps": str(cfg.steps), "sdtorch_layers": ",".join(layers)} | metadata
     return LoRAJob(pipe.config, pipe.unet, pipe.vae, pipe.clip, network, caption_dropout=args.caption_dropout,
-                   preview_prompts=args.prompts, metadata=metadata)
+                   preview_prompts=args.prompts, metadata=metadata, clip2=pipe.clip2)
 
 
 def _train_dreambooth(args) -> Path:
@@ -213,7 +213,8 @@ def _train_dreambooth(args) -> Path:
         inner = _lora_job(args, pipe, cfg, rank=args.lora, text_encoder=args.train_text_encoder,
                           metadata={"ss_num_train_images": str(len(data)), "ss_num_reg_images": str(len(data.classes))})
     else:
-        inner = UNetJob(pipe.config, pipe.vae, pipe.clip, unet=pipe.unet, caption_dropout=args.caption_dropout,
+        inner = UNetJob(pipe.config, pipe.vae, pipe.clip, unet=pipe.unet, clip2=pipe.clip2,
+                        caption_dropout=args.caption_dropout,
                         preview_prompts=args.prompts, train_text_encoder=args.train_text_encoder)
     job = DreamBoothJob(inner, prior_loss_weight=args.prior_loss_weight)
     if not args.flip:  # items never change: encode them once

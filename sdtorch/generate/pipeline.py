@@ -65,6 +65,7 @@ class Pipeline:
         self._hash: str | None = None
         self.prompt_syntax = "a1111"  # or "plain": the reference's tokens, truncated to 77
         self.embeddings: dict[str, torch.Tensor] = {}  # textual inversion: trigger word -> (n, width)
+        self.embeddings2: dict[str, torch.Tensor] = {}  # the same for the second text encoder (SDXL clip_g)
         self.embedding_files: dict[str, Path] = {}  # trigger word -> its file (for "TI hashes")
         # lora_loader([(name, multiplier)]) makes exactly those LoRAs active; None: no LoRA directory
         self.lora_loader: Callable[[list[tuple[str, float]]], None] | None = None
@@ -148,34 +149,34 @@ class Pipeline:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a str or a list of str, got {prompts!r}")
         states, pooled = [], None
-        for clip in self.text_encoders:
+        for clip, embeddings in zip(self.text_encoders, (self.embeddings, self.embeddings2)):
             pad = clip.cfg.pad_token_id
             if syntax == "plain":
                 z, p = clip.encode(self.tokenizer(prompts, pad_id=pad).to(self.device), clip_skip)
             else:
                 empty = tokenize_prompt("", self.tokenizer, pad_id=pad)[0]
-                chunks = [self.prompt_chunks(text, tags_removed, pad) for text in prompts]
+                chunks = [self.prompt_chunks(text, tags_removed, pad, embeddings) for text in prompts]
                 z, p = encode_chunks_pooled(clip, chunks, empty, clip_skip)
             states.append(z.float())
             pooled = p.float() if p is not None else pooled
         return torch.cat(states, dim=-1), pooled
 
-    def prompt_chunks(self, prompt: str, tags_removed: bool = False, pad: int | None = None) -> list[Chunk]:
+    def prompt_chunks(self, prompt: str, tags_removed: bool = False, pad: int | None = None,
+                      embeddings: dict | None = None) -> list[Chunk]:
         """A prompt in a1111 syntax as the chunks of 77 tokens `encode_prompt` encodes (LoRA tags
-        removed; textual-inversion slots carry their vectors)."""
+        removed; textual-inversion slots carry their vectors, `embeddings` or the first encoder's)."""
         pad = self.config.clip.pad_token_id if pad is None else pad
-        lookup = embedding_lookup(self.embeddings, self.tokenizer, pad)
+        lookup = embedding_lookup(self.embeddings if embeddings is None else embeddings, self.tokenizer, pad)
         text = prompt if tags_removed else extract_loras(prompt)[0]
         return tokenize_prompt(text, self.tokenizer, pad_id=pad, lookup=lookup)
 
     def load_embeddings(self, path: str | Path) -> list[str]:
         """Add textual-inversion embeddings from a file or a folder (file stem = trigger word);
         returns the trigger words added. Folder files of another model family are skipped."""
-        if self.clip2 is not None:
-            raise NotImplementedError("textual-inversion embeddings for two text encoders (SDXL clip_l / clip_g) "
-                                      "are not supported yet")
-        found, path = load_embeddings(path, width=self.config.clip.width), Path(path)
-        self.embeddings.update(found)
+        width2 = None if self.clip2 is None else self.clip2.cfg.width
+        found, path = load_embeddings(path, width=self.config.clip.width, width2=width2), Path(path)
+        self.embeddings.update({w: v[0] if width2 else v for w, v in found.items()})  # SDXL: (clip_l, clip_g)
+        self.embeddings2.update({w: v[1] for w, v in found.items()} if width2 else {})
         for word in found:
             self.embedding_files[word] = path if path.is_file() else min(f for f in path.rglob(f"{word}.*") if f.is_file())
         return list(found)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from sdtorch.adapters.seamless import seamless
-from sdtorch.generate import handoff
+from sdtorch.generate.handoff import finish_latents, refine_latents
 from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor, sampled_steps
 from sdtorch.generate.params import GenerationParams
 from sdtorch.generate.request import Cancelled, CancelToken, GenerationRequest, RequestError
@@ -116,7 +116,7 @@ def _latent_second_pass(pipe, second: GenerationRequest, latents: torch.Tensor, 
 def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress: bool) -> torch.Tensor:
     if request.init_latents is not None:
         params.extra["Denoising start"] = request.denoising_start
-        return handoff.finish_latents(pipe, request.init_latents, params,
+        return finish_latents(pipe, request.init_latents, params,
                                       _handoff(pipe, params, request.denoising_start), callback, progress)
     if request.refiner is not None:
         refiner = request.refiner
@@ -127,7 +127,7 @@ def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress
         if switch >= params.steps:
             return pipe.generate_latents(params, callback, progress)
         with request.refiner.lock:
-            return handoff.refine_latents(pipe, request.refiner, params, switch, callback, progress)
+            return refine_latents(pipe, request.refiner, params, switch, callback, progress)
     if pixels is None:
         stop = None if request.denoising_end is None else _handoff(pipe, params, request.denoising_end)
         return pipe.generate_latents(params, callback, progress, stop=stop)

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdtorch.adapters import lora, lora_train
+from sdtorch.conditioning.micro import Micro, micro_vector
 from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ModelConfig, VAEConfig
 from sdtorch.families import family_of
 from sdtorch.formats import checkpoint
 from sdtorch.models.clip import ClipTextModel
+from sdtorch.models.condition import Condition
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling.schedule import alphas_cumprod
@@ -77,8 +79,10 @@ class UNetJob:
 
     def __init__(self, cfg: ModelConfig, vae: AutoencoderKL, clip: ClipTextModel, *,
                  caption_dropout: float = 0.1, preview_prompts: list[str] | None = None,
-                 unet: UNetModel | None = None, text_grad: bool = False, train_text_encoder: bool = False):
+                 unet: UNetModel | None = None, text_grad: bool = False, train_text_encoder: bool = False,
+                 clip2: ClipTextModel | None = None):
         self.cfg = cfg
+        self.clip2 = None if clip2 is None else clip2.eval().requires_grad_(False)  # SDXL's second encoder
         self.unet = UNetModel(cfg.unet) if unet is None else unet  # given: fine-tune that one
         self.modules = {"unet": self.unet}
         self.vae, self.clip = vae.eval().requires_grad_(False), clip.eval().requires_grad_(False)
@@ -115,10 +119,22 @@ class UNetJob:
         z0 = self.latents(images, seeds, index)
         drop = rand_per_sample(seeds, 2) < self.caption_dropout
         texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
-        tokens = self.tokenizer(texts, pad_id=self.cfg.clip.pad_token_id)
         with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
-            context = (self.clip if clip is None else clip)(tokens).float()
-        return z0, context
+            if self.clip2 is None:
+                tokens = self.tokenizer(texts, pad_id=self.cfg.clip.pad_token_id)
+                return z0, (self.clip if clip is None else clip)(tokens).float()
+            return z0, self.condition_xl(texts, self.clip if clip is None else clip, images.shape[-2:])
+
+    def condition_xl(self, texts: list[str], clip: nn.Module, size) -> Condition:
+        """SDXL: both encoders' states concatenated, the pooled text and the image's size as the
+        UNet's vector (no crop: the dataset's images are taken whole)."""
+        states, pooled = [], None
+        for encoder in (clip, self.clip2):
+            z, p = encoder.encode(self.tokenizer(texts, pad_id=encoder.cfg.pad_token_id))
+            states.append(z.float())
+            pooled = p if p is not None else pooled
+        size = tuple(int(n) for n in size)
+        return Condition(torch.cat(states, -1), micro_vector(self.cfg, pooled.float(), Micro(size, (0, 0), size)))
 
     def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         models = batch["models"]
@@ -143,7 +159,10 @@ class UNetJob:
         a = self.alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
         target = noise if self.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z0
-        pred = unet(x_t, t.float(), context)
+        if isinstance(context, Condition):  # SDXL: text states and the vector
+            pred = unet(x_t, t.float(), context.crossattn, context.vector)
+        else:
+            pred = unet(x_t, t.float(), context)
         return F.mse_loss(pred.float(), target)
 
     @torch.no_grad()
@@ -152,14 +171,15 @@ class UNetJob:
             return None
         from sdtorch.generate.pipeline import Pipeline
 
-        pipe = Pipeline(self.cfg, ema["unet"], self.vae, ema.get("clip", self.clip))
+        pipe = Pipeline(self.cfg, ema["unet"], self.vae, ema.get("clip", self.clip), clip2=self.clip2)
         images = []
         for prompt in self.preview_prompts:
             images += pipe.generate(prompt, steps=20, sampler="dpmpp_2m", cfg_scale=5.0, seed=0, progress=False)
         return grid(images, cols=min(8, len(images)))
 
     def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
-        return checkpoint.save(path, ema["unet"], self.vae, ema.get("clip", self.clip), self.cfg, dtype=dtype)
+        return checkpoint.save(path, ema["unet"], self.vae, ema.get("clip", self.clip), self.cfg, dtype=dtype,
+                               clip2=self.clip2)
 
 
 class LoRAJob:
@@ -168,15 +188,19 @@ class LoRAJob:
 
     def __init__(self, cfg: ModelConfig, unet: UNetModel, vae: AutoencoderKL, clip: ClipTextModel,
                  network: lora.LoRANetwork, *, caption_dropout: float = 0.0,
-                 preview_prompts: list[str] | None = None, metadata: dict[str, str] | None = None):
+                 preview_prompts: list[str] | None = None, metadata: dict[str, str] | None = None,
+                 clip2: ClipTextModel | None = None):
         unet.eval().requires_grad_(False)
         text_grad = any(model == "clip" for model, _ in network.targets)
+        if text_grad and clip2 is not None:
+            raise ValueError("text-encoder LoRA training for two text encoders (SDXL) is not supported; "
+                             "train the UNet's LoRA")
         self.base = UNetJob(cfg, vae, clip, unet=unet, text_grad=text_grad, caption_dropout=caption_dropout,
-                            preview_prompts=preview_prompts)
+                            preview_prompts=preview_prompts, clip2=clip2)
         self.network = network
         self.modules = {"lora": network}
         self.metadata = metadata or {}
-        self.stack = lora.LoRAStack(unet, clip)  # the LoRA layers act through hooks on the base models
+        self.stack = lora.LoRAStack(unet, clip, clip2)  # the LoRA layers act through hooks on the base models
         self.active = self.stack.add(network)
 
     def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -197,5 +221,6 @@ class LoRAJob:
 
     def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
         cfg = self.base.cfg
-        return lora_train.save(ema["lora"], path, cfg.unet, v2=family_of(cfg).kohya_base == "sd_v2", metadata=self.metadata,
-                         dtype=dtype)
+        return lora_train.save(ema["lora"], path, cfg.unet, v2=family_of(cfg).kohya_base == "sd_v2",
+                               metadata={"ss_base_model_version": family_of(cfg).kohya_base} | self.metadata,
+                               dtype=dtype)
