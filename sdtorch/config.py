@@ -220,17 +220,8 @@ SDXL = ModelConfig(
 SDXL_REFINER = ModelConfig(
     name="sdxl-refiner",
     clip=SDXL_CLIP_G,
-    unet=UNetConfig(
-        model_channels=384,
-        channel_mult=(1, 2, 4, 4),
-        attention_resolutions=(4, 2),
-        num_heads=-1,
-        num_head_channels=64,
-        transformer_depth=4,
-        context_dim=1280,
-        use_linear_in_transformer=True,
-        adm_in_channels=2560,  # 1280 pooled + 5 x 256
-    ),
+    unet=replace(SDXL.unet, model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=4, context_dim=1280,
+                 adm_in_channels=2560),  # 1280 pooled + 5 x 256
     vae=SDXL_VAE,
     clip_layout="sdxl-refiner",
     sample_size=1024,

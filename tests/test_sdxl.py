@@ -337,6 +337,9 @@ def test_server_refiner_checkpoint(tiny_xl_reference, tiny_xl_refiner_reference,
         assert a.shape == b.shape and (a - b).abs().max() > 0
         status, body = request("POST", f"{url}/sdapi/v1/txt2img", {**common, "refiner_checkpoint": "nope"})
         assert status == 422 and "refiner_checkpoint" in json_detail(body)
+        status, body = request("POST", f"{url}/sdapi/v1/img2img", {**common, "init_images": refined["images"],
+                                                                     "refiner_checkpoint": "tiny-xl-refiner"})
+        assert status == 422 and "txt2img runs only" in json_detail(body)
 
 
 def json_detail(body) -> str:

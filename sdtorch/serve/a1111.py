@@ -241,6 +241,8 @@ def _refuse_unsupported(req: _Common) -> None:
             _refuse(name, f"only the sampler's default ({neutral}) is supported, got {v}")
     if req.token_merging_ratio or req.token_merging_ratio_hr:
         _refuse("token_merging_ratio", "token merging is not supported")
+    if isinstance(req, Img2Img) and req.refiner_checkpoint:
+        _refuse("refiner_checkpoint", "a refiner takes over txt2img runs only")
     if req.refiner_switch_at is not None and not 0 < req.refiner_switch_at <= 1:
         _refuse("refiner_switch_at", f"must be in (0, 1], got {req.refiner_switch_at}")
     if req.firstpass_image:
