@@ -295,8 +295,11 @@ def test_other_formats_and_folders(tmp_path):
     with pytest.raises(ValueError, match="width 768"):
         load_embeddings(tmp_path / "wide.pt", width=32)
     save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, tmp_path / "xl.safetensors")
-    with pytest.raises(ValueError, match="SDXL"):
-        load_embedding(tmp_path / "xl.safetensors")
+    xl = load_embedding(tmp_path / "xl.safetensors")
+    assert xl.vectors.shape == (1, 768) and xl.vectors2.shape == (1, 1280)
+    with pytest.raises(ValueError, match="SDXL embedding"):  # on a model with one text encoder
+        load_embeddings(tmp_path / "xl.safetensors", width=768)
+    assert "xl" not in load_embeddings(tmp_path, width=32)  # skipped in a folder
 
 
 class RunsCode:

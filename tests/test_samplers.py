@@ -378,4 +378,4 @@ def test_condition_concat_is_appended_after_input_scaling_and_batched_by_guidanc
 
     cond, uncond = Condition(torch.ones(2, 3, 5), vector=torch.ones(2, 8)), Condition(torch.ones(2, 3, 5), vector=-torch.ones(2, 8))
     CFGDenoiser(DiscreteDenoiser(unet_xl, ScheduleConfig()), 5.0)(x, sigma, cond=cond, uncond=uncond)
-    assert torch.equal(vectors[0], torch.cat([torch.ones(2, 8), -torch.ones(2, 8)]))
+    assert torch.equal(vectors[0], torch.cat([-torch.ones(2, 8), torch.ones(2, 8)]))  # [uncond, cond] as the context
