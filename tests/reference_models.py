@@ -68,8 +68,10 @@ class Reference:
     checkpoint: Path  # original-layout .safetensors written from `folder`
 
 
-def build_reference_folder(preset: ModelConfig, folder: str | Path, seed: int = 0) -> Path:
-    """Write a loadable diffusers `StableDiffusionPipeline` folder with random weights.
+def build_reference_folder(preset: ModelConfig, folder: str | Path, seed: int = 0,
+                           dtype: torch.dtype = torch.float32) -> Path:
+    """Write a loadable diffusers `StableDiffusionPipeline` folder with random weights (stored
+    in `dtype`: float16 as the real SDXL files are).
 
     Components are built from `diffusers_configs(preset)` one at a time (seeded with
     `seed + k` right before each constructor: unet 0, vae 1, text_encoder 2) and freed after
@@ -91,7 +93,7 @@ def build_reference_folder(preset: ModelConfig, folder: str | Path, seed: int = 
             builders[name] = lambda cls=cls, name=name: cls(CLIPTextConfig(**cfgs[name]))
     for k, (name, build) in enumerate(builders.items()):
         torch.manual_seed(seed + k)
-        model = build()
+        model = build().to(dtype)
         model.save_pretrained(folder / name)
         del model
         gc.collect()
@@ -163,11 +165,12 @@ def write_original_checkpoint(
     return path
 
 
-def build_reference(preset: ModelConfig, root: str | Path, seed: int = 0) -> Reference:
-    """`build_reference_folder` + `write_original_checkpoint` under `root`."""
+def build_reference(preset: ModelConfig, root: str | Path, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Reference:
+    """`build_reference_folder` + `write_original_checkpoint` under `root`, both stored in `dtype`."""
     root = Path(root)
-    folder = build_reference_folder(preset, root / "diffusers", seed=seed)
-    return Reference(preset, folder, write_original_checkpoint(folder, root / f"{preset.name}.safetensors"))
+    folder = build_reference_folder(preset, root / "diffusers", seed=seed, dtype=dtype)
+    return Reference(preset, folder, write_original_checkpoint(folder, root / f"{preset.name}.safetensors", dtype))
 
 
 def key_lines(shapes: dict[str, tuple[int, ...]]) -> list[str]:
