@@ -1,10 +1,10 @@
-"""sdtorch vs diffusers on the same random SD 1.5 weights, side by side, on this machine.
+"""sdtorch vs diffusers on the same random SD 1.5 (or SDXL) weights, side by side, on this machine.
 
-    python benchmarks/speed.py [--steps 4] [--size 512] [--configs ...]
+    python benchmarks/speed.py [--model sd15|sdxl] [--steps 4] [--size 512] [--configs ...]
 
-Builds (once, cached in --cache) a random-weight SD 1.5 diffusers folder and its original-layout
-single file in fp16 (2.1 GB, as the files people download), then runs each configuration in a
-fresh process so peak memory is its own:
+Builds (once, cached in --cache) a random-weight diffusers folder and its original-layout single
+file in fp16 (SD 1.5: 2.1 GB; SDXL base: 6.9 GB, as the files people download), then runs each
+configuration in a fresh process so peak memory is its own:
 
 - load: seconds from `import` of the library to a ready pipeline built from the fp16 single file
   (diffusers: `StableDiffusionPipeline.from_single_file`, upcast to the configuration's dtype);
@@ -18,7 +18,14 @@ fresh process so peak memory is its own:
 - decode: seconds for the VAE decode of the final latents (second of two decodes).
 - peak RSS: the process's maximum resident memory over load + generation + decode.
 
-Configurations: diffusers fp32 and bf16 (autocast, as its docs advise for CPUs), sdtorch fp32,
+SDXL (`--model sdxl`, default size 1024): diffusers loads the folder (StableDiffusionXLPipeline.
+from_pretrained; its from_single_file leaves OpenCLIP bigG unloaded under transformers 5) and its
+bf16 is bfloat16 weights (torch_dtype), as SDXL is run on CPUs where fp32 weights would need 14 GB;
+sdtorch-bf16-lowmem frees the text encoders after encoding (`--low-memory`). Where bfloat16 is
+emulated (CPU capability AVX2: the bf16 matmul rate printed is ~0), measure fp32 instead:
+`--configs diffusers-fp32 sdtorch-fp32 sdtorch-fp32-lowmem`.
+
+Configurations: diffusers fp32 and bf16 (SD 1.5: autocast, as its docs advise for CPUs), sdtorch fp32,
 bf16 (bfloat16 weights, channels-last, norms and sampler state in fp32), bf16 compiled
 (the same through torch.compile) and bf16 deepcache (DeepCache, interval 3, branch 0: an
 approximation, see its PSNR). Ratios: against diffusers fp32 ("/d32") and diffusers bf16
@@ -39,24 +46,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 CONFIGS = ["diffusers-fp32", "diffusers-bf16", "sdtorch-fp32", "sdtorch-bf16", "sdtorch-bf16-compiled",
-           "sdtorch-bf16-deepcache"]
+           "sdtorch-bf16-deepcache", "sdtorch-bf16-lowmem", "sdtorch-fp32-lowmem"]
+# --model: (preset name, diffusers pipeline class, default size, default configurations)
+MODELS = {
+    "sd15": ("SD15", "StableDiffusionPipeline", 512, CONFIGS[:-2]),
+    "sdxl": ("SDXL", "StableDiffusionXLPipeline", 1024, ["diffusers-bf16", "sdtorch-bf16", "sdtorch-bf16-lowmem"]),
+}
 
 
-def build(cache: Path) -> tuple[Path, Path]:
+def _preset(model: str):
+    import sdtorch.config
+
+    return getattr(sdtorch.config, MODELS[model][0])
+
+
+def build(cache: Path, model: str) -> tuple[Path, Path]:
+    """The model's random-weight diffusers folder and single file, both float16."""
     sys.path.insert(0, str(ROOT / "tests"))
+    import torch
     from reference_models import build_reference_folder, write_original_checkpoint
 
-    from sdtorch.config import SD15
-
-    folder, ckpt32, ckpt = cache / "sd15-diffusers", cache / "sd15.safetensors", cache / "sd15-fp16.safetensors"
+    folder, ckpt = cache / f"{model}-fp16-diffusers", cache / f"{model}-fp16.safetensors"
     if not (folder / "model_index.json").exists():
-        build_reference_folder(SD15, folder)
-    if not ckpt32.exists():
-        write_original_checkpoint(folder, ckpt32)
+        build_reference_folder(_preset(model), folder, dtype=torch.float16)
     if not ckpt.exists():
-        from safetensors.torch import load_file, save_file
-
-        save_file({k: v.half() for k, v in load_file(ckpt32).items()}, ckpt)
+        write_original_checkpoint(folder, ckpt, dtype=torch.float16)
     return folder, ckpt
 
 
@@ -76,19 +90,20 @@ def matmul_tflops(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e12
 
 
-def unet_flops(size: int) -> float:
-    """FLOPs of one guided SD 1.5 UNet call (batch 2) at size x size, counted on the meta device."""
+def unet_flops(size: int, model: str) -> float:
+    """FLOPs of one guided UNet call (batch 2) at size x size, counted on the meta device."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdtorch.config import SD15
     from sdtorch.models.unet import UNetModel
 
+    cfg = _preset(model).unet
     with torch.device("meta"):
-        unet = UNetModel(SD15.unet)
-        x, context = torch.empty(2, 4, size // 8, size // 8), torch.empty(2, 77, 768)
+        unet = UNetModel(cfg)
+        x, context = torch.empty(2, 4, size // 8, size // 8), torch.empty(2, 77, cfg.context_dim)
+        vector = torch.empty(2, cfg.adm_in_channels) if cfg.adm_in_channels else None
         with FlopCounterMode(display=False) as counter:
-            unet(x, torch.tensor([500.0]), context)
+            unet(x, torch.tensor([500.0]), context, vector)
     return counter.get_total_flops()
 
 
@@ -99,15 +114,20 @@ def _peak_rss_gb() -> float:
         return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20  # kB -> GB
 
 
-def run_diffusers(ckpt: Path, folder: Path, dtype: str, steps: int, size: int) -> dict:
+def run_diffusers(ckpt: Path, folder: Path, dtype: str, steps: int, size: int, model: str) -> dict:
     import torch
 
     t0 = time.perf_counter()
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import EulerDiscreteScheduler
 
-    pipe = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(folder), local_files_only=True,
-                                                    safety_checker=None, requires_safety_checker=False,
-                                                    torch_dtype=torch.float32)
+    cls = getattr(diffusers, MODELS[model][1])
+    if model == "sd15":
+        pipe = cls.from_single_file(str(ckpt), config=str(folder), local_files_only=True, safety_checker=None,
+                                    requires_safety_checker=False, torch_dtype=torch.float32)
+    else:  # bf16: bfloat16 weights
+        pipe = cls.from_pretrained(folder, local_files_only=True,
+                                   torch_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     load = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # one UNet call per step
@@ -117,7 +137,7 @@ def run_diffusers(ckpt: Path, folder: Path, dtype: str, steps: int, size: int) -
         stamps.append(time.perf_counter())
         return kw
 
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16" and model == "sd15"):
         latents = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=7.5,
                        generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
                        callback_on_step_end=on_step).images
@@ -148,6 +168,7 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, imag
     pipe = sdtorch.load(ckpt, dtype=dtype, compile=compile)
     load = time.perf_counter() - t0
     pipe.deep_cache = (3, 0) if option == "deepcache" else None
+    pipe.low_memory = option == "lowmem"
     stamps = []
     params = GenerationParams(PROMPT, steps=steps, sampler="euler", cfg_scale=7.5, seed=0, width=size, height=size)
     latents = pipe.generate_latents(params, callback=lambda d: stamps.append(time.perf_counter()), progress=False)
@@ -162,10 +183,10 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, imag
 def worker(args: argparse.Namespace) -> None:
     lib, dtype, *option = args.worker.split("-")
     if lib == "diffusers":
-        out = run_diffusers(args.ckpt, args.folder, dtype, args.steps, args.size)
+        out = run_diffusers(args.ckpt, args.folder, dtype, args.steps, args.size, args.model)
     else:
         out = run_sdtorch(args.ckpt, dtype, args.steps, args.size, option[0] if option else "",
-                          image_out=args.cache / f"{args.worker}.pt")
+                          image_out=args.cache / f"{args.model}-{args.worker}.pt")
     out["rss"] = _peak_rss_gb()
     print("RESULT " + json.dumps(out))
 
@@ -190,23 +211,26 @@ def table(results: dict[str, dict], flops: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per run (>= 3)")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd15")
+    parser.add_argument("--size", type=int, help="image side (default: 512 for sd15, 1024 for sdxl)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "sdtorch-bench")
-    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all (sdxl: the bf16 ones)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.size = args.size or MODELS[args.model][2]
+    args.configs = args.configs or MODELS[args.model][3]
     if args.worker:
         return worker(args)
     args.cache.mkdir(parents=True, exist_ok=True)
-    folder, ckpt = build(args.cache)
+    folder, ckpt = build(args.cache, args.model)
     import torch
 
-    flops = unet_flops(args.size)
+    flops = unet_flops(args.size, args.model)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; SD 1.5 random weights (fp16 file), "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; {MODELS[args.model][0]} random weights (fp16 file), "
           f"{args.size}x{args.size}, batch 1, CFG on, Euler, {args.steps} steps; "
           f"UNet {flops / 1e12:.2f} TFLOP per guided step")
     print(f"matmul 2048^3 on this machine: fp32 {matmul_tflops('fp32'):.3f} TFLOP/s, "
@@ -214,7 +238,7 @@ def main() -> None:
     results = {}
     for name in args.configs:
         cmd = [sys.executable, __file__, "--worker", name, "--ckpt", str(ckpt), "--folder", str(folder),
-               "--steps", str(args.steps), "--size", str(args.size)]
+               "--steps", str(args.steps), "--size", str(args.size), "--model", args.model]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -224,10 +248,10 @@ def main() -> None:
     if "sdtorch-fp32" in results:  # the reduced-precision images against sdtorch fp32's, same seed
         import math
 
-        exact = torch.load(args.cache / "sdtorch-fp32.pt")
+        exact = torch.load(args.cache / f"{args.model}-sdtorch-fp32.pt")
         for name in results:
             if name.startswith("sdtorch-") and name != "sdtorch-fp32":
-                mse = float((torch.load(args.cache / f"{name}.pt") - exact).square().mean())
+                mse = float((torch.load(args.cache / f"{args.model}-{name}.pt") - exact).square().mean())
                 results[name]["psnr"] = f"{10 * math.log10(1 / mse):.1f}" if mse else "inf"
     print(table(results, flops))
 
