@@ -93,8 +93,9 @@ def _indices(sd: dict, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
 
 
-def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
-    """UNet hyper-parameters from key names and shapes (SD1/SD2 head conventions assumed)."""
+def detect_unet(sd: dict[str, torch.Tensor], out_channels: int | None = None) -> UNetConfig:
+    """UNet hyper-parameters from key names and shapes (SD1/SD2 head conventions assumed).
+    out_channels: for encoder halves without an output layer (ControlNets)."""
     first = sd["input_blocks.0.0.weight"]
     mc = first.shape[0]
     mults, attn, ds, res_per_level = [], [], 1, []
@@ -117,7 +118,7 @@ def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
     sd2 = proj.ndim == 2 or context_dim == 1024
     return UNetConfig(
         in_channels=first.shape[1],
-        out_channels=sd["out.2.weight"].shape[0],
+        out_channels=out_channels or sd["out.2.weight"].shape[0],
         model_channels=mc,
         channel_mult=tuple(mults),
         num_res_blocks=res_per_level[0],

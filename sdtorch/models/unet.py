@@ -233,6 +233,59 @@ def _level(cfg: UNetConfig, ch_in: int, ch_out: int, ds: int, level: int) -> Tim
     return TimestepEmbedSequential(*layers)
 
 
+def input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder half's blocks (conv_in, then per level ResBlocks[+attention] and a downsampler)
+    and the channels of the skip connection each leaves (a ControlNet has the same blocks)."""
+    mc = cfg.model_channels
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_channels, ch, ds = [mc], mc, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            blocks.append(_level(cfg, ch, mult * mc, ds, level))
+            ch = mult * mc
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+            ds *= 2
+    return blocks, skip_channels
+
+
+def middle_block(cfg: UNetConfig, ch: int) -> TimestepEmbedSequential:
+    emb_dim = cfg.model_channels * 4
+    return TimestepEmbedSequential(
+        ResBlock(ch, emb_dim, ch, cfg.norm_groups, cfg.dropout),
+        SpatialTransformer(ch, *_heads(ch, cfg), cfg, cfg.depth(-1)),
+        ResBlock(ch, emb_dim, ch, cfg.norm_groups, cfg.dropout),
+    )
+
+
+def time_embedding(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential | None]:
+    """`time_embed` and, for UNets with an added vector (SDXL), `label_emb`."""
+    mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+    time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    if not cfg.adm_in_channels:
+        return time_embed, None
+    return time_embed, nn.Sequential(nn.Sequential(
+        nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+
+
+def embed(module: nn.Module, cfg: UNetConfig, t: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """The time (and vector) embedding of a module with `time_embed` (and `label_emb`) built by
+    `time_embedding(cfg)`: a UNet's or a ControlNet's."""
+    dtype = module.time_embed[0].weight.dtype
+    emb = module.time_embed(timestep_embedding(t.expand(batch), cfg.model_channels).to(dtype))
+    adm = cfg.adm_in_channels
+    if (y is None) != (adm == 0):
+        raise ValueError(f"this UNet takes a vector of {adm} values (SDXL's pooled text and sizes)" if adm
+                         else "this UNet takes no vector (only SDXL-type UNets do)")
+    if y is not None:
+        if y.shape != (batch, adm):
+            raise ValueError(f"the UNet's vector must be ({batch}, {adm}), got {tuple(y.shape)}")
+        emb = emb + module.label_emb(y.to(dtype))
+    return emb
+
+
 class UNetModel(nn.Module):
     """x: (B, in_channels, h, w), t: (B,), context: (B, L, context_dim), y: (B, adm_in_channels) for
     UNets with an added vector embedding (SDXL) -> (B, out_channels, h, w)."""
@@ -240,27 +293,13 @@ class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.adm_in_channels:  # SDXL: a vector (pooled text + size conditions) added to the time embedding
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                self.input_blocks.append(_level(cfg, ch, mult * mc, ds, level))
-                ch = mult * mc
-                skip_channels.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-                ds *= 2
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, cfg.norm_groups, cfg.dropout),
-            SpatialTransformer(ch, *_heads(ch, cfg), cfg, cfg.depth(-1)),
-            ResBlock(ch, emb_dim, ch, cfg.norm_groups, cfg.dropout),
-        )
+        mc = cfg.model_channels
+        self.time_embed, label_emb = time_embedding(cfg)
+        if label_emb is not None:  # SDXL: a vector (pooled text + size conditions) added to the time embedding
+            self.label_emb = label_emb
+        self.input_blocks, skip_channels = input_blocks(cfg)
+        ch, ds = skip_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
+        self.middle_block = middle_block(cfg, ch)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -286,17 +325,7 @@ class UNetModel(nn.Module):
     def embed(self, t: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
         """Timesteps (B,) or () and the vector y (B, adm) of UNets that take one -> the embedding
         (B, 4 * model_channels) in the weights' dtype."""
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(t.expand(batch), self.cfg.model_channels).to(dtype))
-        adm = self.cfg.adm_in_channels
-        if (y is None) != (adm == 0):
-            raise ValueError(f"this UNet takes a vector of {adm} values (SDXL's pooled text and sizes)" if adm
-                             else "this UNet takes no vector (only SDXL-type UNets do)")
-        if y is not None:
-            if y.shape != (batch, adm):
-                raise ValueError(f"the UNet's vector must be ({batch}, {adm}), got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y.to(dtype))
-        return emb
+        return embed(self, self.cfg, t, batch, y)
 
     def encode(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                stop: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
