@@ -5,8 +5,11 @@ diffusers-keyed single file; wrong files and wrong families refused."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -23,14 +26,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def reference_controlnet(preset, seed: int = 0):
+def reference_controlnet(preset, seed: int = 0, embed: tuple[int, ...] = EMBED):
     """diffusers' ControlNetModel copied from a random UNet of the preset, with its zero-initialised
     layers (hint output, zero convolutions) made random so that every residual carries signal."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**diffusers_configs(preset)["unet"])
-    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBED)
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -133,3 +136,89 @@ def test_wrong_family_and_wrong_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="control image is 10x10"):
         model = cn_format.load(folder, TINY.unet)
         model(torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 10, 10), torch.tensor([1.0]), torch.zeros(1, 77, 32))
+
+
+# --- in the pipeline, against diffusers' StableDiffusionControlNetPipeline --------------------------
+
+PROMPT, NEGATIVE = "a red apple on a table", "blurry"
+
+
+@pytest.fixture(scope="module")
+def controlled(tiny_reference, tmp_path_factory):
+    """The tiny SD1 model (VAE downscale 2) in both libraries and two ControlNets whose hint
+    encoders downscale by 2 too, each as a diffusers folder and loaded by sdtorch."""
+    import sdtorch
+
+    root = tmp_path_factory.mktemp("cn-pipe")
+    nets = []
+    for k in range(2):
+        theirs = reference_controlnet(TINY, seed=10 + k, embed=(16, 32))
+        theirs.save_pretrained(root / f"cn{k}")
+        nets.append((theirs, cn_format.load(root / f"cn{k}", TINY.unet)))
+    return sdtorch.load(tiny_reference.checkpoint, config=tiny_reference.preset), tiny_reference.folder, nets
+
+
+def _hints(n: int):
+    g = torch.Generator().manual_seed(3)
+    return [torch.rand(1, 3, 64, 64, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("case", ["one", "two", "guess"])
+def test_controlnet_txt2img_matches_diffusers(controlled, case, parity_log):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+
+    from sdtorch.adapters.control import ControlUnit
+    from sdtorch.generate.request import GenerationRequest
+
+    ours, folder, nets = controlled
+    hints = _hints(2)
+    units = {"one": [dict(weight=0.8)], "guess": [dict(weight=1.0, mode="guess")],
+             "two": [dict(weight=0.8, start=0.0, end=0.7), dict(weight=0.5, start=0.3, end=1.0)]}[case]
+    used = nets[: len(units)]
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        folder, controlnet=[n[0] for n in used] if len(used) > 1 else used[0][0], safety_checker=None,
+        requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    one = len(used) == 1
+    kw = dict(controlnet_conditioning_scale=units[0]["weight"] if one else [u["weight"] for u in units],
+              control_guidance_start=units[0].get("start", 0.0) if one else [u["start"] for u in units],
+              control_guidance_end=units[0].get("end", 1.0) if one else [u["end"] for u in units],
+              guess_mode=case == "guess")
+    theirs = pipe(PROMPT, image=hints[0] if one else hints[: len(used)], negative_prompt=NEGATIVE,
+                  num_inference_steps=6, guidance_scale=7.5, height=64, width=64, num_images_per_prompt=2,
+                  generator=torch.Generator("cpu").manual_seed(1234), output_type="pt", **kw).images
+    controls = tuple(ControlUnit(n[1], h, **u) for n, h, u in zip(used, hints, units))
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=6, sampler="euler", scheduler="automatic", seed=1234,
+                                width=64, height=64, batch_size=2, prompt_syntax="plain", controls=controls)
+    got = torch.stack([_tensor(im) for im in ours.run(request).images])
+    plain = _tensor(ours.run(replace(request, controls=())).images[0])
+    mse = (got - theirs.float()).pow(2).mean().item()
+    psnr = 10 * math.log10(1 / max(mse, 1e-12))
+    parity_log(f"controlnet txt2img {case} PSNR (8-bit images)", psnr, worst=min)
+    assert psnr >= 45, psnr
+    assert (got[0] - plain).abs().max() > 0.01  # the control changed the image
+
+
+def _tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def test_bad_control_requests_are_refused(controlled):
+    from sdtorch.adapters.control import ControlUnit, control_image
+    from sdtorch.generate.request import GenerationRequest, RequestError
+
+    ours, _, nets = controlled
+    hint = _hints(1)[0]
+    for bad, match in ((dict(start=0.8, end=0.2), "guidance window"), (dict(mode="loud"), "control mode"),
+                       (dict(resize="zoom"), "resize mode")):
+        with pytest.raises(RequestError, match=match):
+            GenerationRequest(PROMPT, controls=(ControlUnit(nets[0][1], hint, **bad),)).validate()
+    with pytest.raises(RequestError, match="controls must be ControlUnits"):
+        GenerationRequest(PROMPT, controls=("canny.pth",)).validate()
+    # a control image of another size is resized per resize mode
+    wide = torch.rand(1, 3, 32, 128)
+    assert control_image(wide, 64, 64, "crop").shape[-2:] == (64, 64)
+    filled = control_image(wide, 64, 64, "fill")
+    assert filled.shape[-2:] == (64, 64) and filled[..., :8, :].abs().max() == 0  # black bars above and below
+    assert control_image(wide, 64, 64, "just").shape[-2:] == (64, 64)

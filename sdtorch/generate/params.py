@@ -36,6 +36,7 @@ class GenerationParams:
     condition: object = None  # the condition encoder's input (a tensor), when the pipeline has one
     micro: Micro | None = None  # SDXL's size / crop / aesthetic conditioning; None: the image's size
     negative_micro: Micro | None = None  # the negative side's; None: the prompt's, aesthetic score 2.5
+    controls: tuple = ()  # `sdtorch.adapters.control.ControlUnit`s
 
     def micro_of(self, negative: bool = False) -> Micro:
         """The micro-conditioning of one side, defaults filled in (as diffusers' SDXL pipelines)."""

@@ -104,6 +104,8 @@ class GenerationRequest:
     init_latents: torch.Tensor | None = None
     refiner: Any = None
     refiner_switch_at: float = 0.8
+    # ControlNets (`sdtorch.adapters.control.ControlUnit`s), each with its image, weight, window, mode
+    controls: tuple = ()
 
     @property
     def kind(self) -> str:
@@ -147,6 +149,7 @@ class GenerationRequest:
         if self.condition is not None and not isinstance(self.condition, torch.Tensor):
             raise RequestTypeError("condition", f"condition must be a tensor, got {type(self.condition).__name__}")
         self._validate_adapters()
+        self._validate_controls()
         self._validate_seeds()
         self._validate_handoff()
         if self.hires is not None:
@@ -170,6 +173,17 @@ class GenerationRequest:
         if self.refiner is not None and (self.init_image is not None or self.denoising_end is not None
                                          or self.init_latents is not None):
             raise RequestError("refiner", "a refiner takes over a txt2img run (no init image, no hand-off fractions)")
+
+    def _validate_controls(self) -> None:
+        from sdtorch.adapters.control import ControlUnit
+
+        for unit in self.controls:
+            if not isinstance(unit, ControlUnit):
+                raise RequestTypeError("controls", f"controls must be ControlUnits, got {type(unit).__name__}")
+            try:
+                unit.validate()
+            except ValueError as e:
+                raise RequestError("controls", str(e)) from None
 
     def _validate_seeds(self) -> None:
         from sdtorch.sampling.noise import SEED_MODES

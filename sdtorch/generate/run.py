@@ -164,7 +164,8 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
                             r.batch_size, r.eta, r.clip_skip, scheduler=scheduler, seed_mode=r.seed_mode,
                             subseed=r.subseed, subseed_strength=r.subseed_strength,
                             seed_resize_from=tuple(r.seed_resize_from), condition=r.condition,
-                            micro=r.micro, negative_micro=r.negative_micro, extra=_extra(r))
+                            micro=r.micro, negative_micro=r.negative_micro, extra=_extra(r),
+                            controls=tuple(r.controls))
 
 
 def _extra(r: GenerationRequest) -> dict:
