@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdtorch.conditioning.preprocess import preprocess
 from sdtorch.config import TINY, TINY_XL
 from sdtorch.formats import controlnet as cn_format
 from sdtorch.formats.diffusers_config import diffusers_configs
@@ -222,3 +223,29 @@ def test_bad_control_requests_are_refused(controlled):
     filled = control_image(wide, 64, 64, "fill")
     assert filled.shape[-2:] == (64, 64) and filled[..., :8, :].abs().max() == 0  # black bars above and below
     assert control_image(wide, 64, 64, "just").shape[-2:] == (64, 64)
+
+
+def test_cli_generate_with_a_controlnet_and_canny(tiny_file, tmp_path):
+    from PIL import Image, ImageDraw
+
+    from sdtorch.cli import main
+
+    net = reference_controlnet(TINY, seed=20, embed=(16, 32))
+    net.save_pretrained(tmp_path / "control_tiny")
+    source = Image.new("RGB", (96, 64), "white")
+    ImageDraw.Draw(source).ellipse((20, 10, 70, 55), fill="black")
+    source.save(tmp_path / "shape.png")
+    base = [str(tiny_file), "--steps", "3", "--seed", "5", "--sampler", "euler", "--width", "64", "--height", "64"]
+    common = ["generate", "a ball", "-c", *base]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "cn"), "--control", f"{tmp_path / 'control_tiny'}:{tmp_path / 'shape.png'}:0.9",
+                 "--control-preprocess", "canny"]) == 0
+    plain, = (tmp_path / "plain").glob("*.png")
+    cn, = (tmp_path / "cn").glob("*.png")
+    a, b = (np.asarray(Image.open(p), dtype=np.float32) for p in (plain, cn))
+    assert np.abs(a - b).max() > 5  # the ControlNet acted
+    edges = np.asarray(preprocess("canny", source))
+    assert edges.max() == 255 and (edges == 0).mean() > 0.8  # an outline, not a filled shape
+    assert main([*common, "--control", f"{tmp_path / 'missing'}:{tmp_path / 'shape.png'}"]) == 2
+    assert main([*common, "--control", f"{tmp_path / 'control_tiny'}:{tmp_path / 'shape.png'}",
+                 "--control-preprocess", "depth_midas"]) == 2

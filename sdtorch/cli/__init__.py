@@ -72,6 +72,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", metavar="PATH", default=None,
                    help="SDXL refiner checkpoint: takes over at --refiner-switch-at of the steps (A1111's refiner)")
     p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F")
+    p.add_argument("--control", action="append", default=[], metavar="PATH:IMAGE[:WEIGHT]",
+                   help="a ControlNet file or folder and its control image (repeatable: several add up)")
+    p.add_argument("--control-preprocess", default="none", metavar="NAME",
+                   help="make the control images with: none, canny, invert, blur_gaussian")
+    p.add_argument("--control-mode", default="balanced", choices=["balanced", "prompt", "control", "guess"],
+                   help="balanced, prompt (my prompt is more important), control (ControlNet is more important), "
+                        "guess (diffusers' guess mode)")
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
     p.add_argument("--low-memory", action="store_true",
                    help="free the text encoders once the prompts are encoded (SDXL's bigG is 1.4 GB in bf16)")
     p.add_argument("--lora-dir", metavar="DIR", default=None,
@@ -214,6 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
     _set_memory_options(pipe, args)
     args.refiner_pipe = load(args.refiner, dtype=args.dtype) if args.refiner else None
+    args.control_units = tuple(_control_unit(spec, pipe, args) for spec in args.control)
     pipe.deep_cache = (args.deep_cache, args.deep_cache_branch) if args.deep_cache > 1 else None
     for spec in args.lora:
         pipe.load_lora(*_lora_spec(spec))
@@ -305,7 +315,30 @@ def _request(args: argparse.Namespace, seed: int):
         subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
         hires=_hires(args), condition=_condition(getattr(args, "condition", None)),
         refiner=getattr(args, "refiner_pipe", None), refiner_switch_at=args.refiner_switch_at,
+        controls=getattr(args, "control_units", ()),
     ).validate()
+
+
+def _control_unit(spec: str, pipe, args: argparse.Namespace):
+    """--control PATH:IMAGE[:WEIGHT] -> a `ControlUnit` with its ControlNet loaded for this model."""
+    from sdtorch.adapters.control import ControlUnit
+    from sdtorch.conditioning.preprocess import preprocess
+    from sdtorch.formats import controlnet
+    from sdtorch.generate.images import open_image
+
+    parts = spec.split(":")
+    weight = 1.0
+    if len(parts) >= 3:
+        try:
+            weight = float(parts[-1])
+            parts = parts[:-1]
+        except ValueError:
+            pass
+    if len(parts) != 2:
+        raise ValueError(f"--control takes PATH:IMAGE[:WEIGHT], got {spec!r}")
+    model = controlnet.load(parts[0], pipe.config.unet, dtype=pipe.dtype, device=pipe.device)
+    image = preprocess(args.control_preprocess, open_image(parts[1]))
+    return ControlUnit(model, image, weight, args.control_start, args.control_end, args.control_mode)
 
 
 def _condition(path: str | None):

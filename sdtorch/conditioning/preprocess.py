@@ -1,0 +1,35 @@
+"""Control-image preprocessors that need no downloaded weights (sd-webui-controlnet's module names):
+"none", "canny" (OpenCV's Canny edges; thresholds A1111's defaults 100 / 200), "invert" (white
+lines on black from black on white), "blur_gaussian" (for tile / blur ControlNets; sigma in
+pixels). Each maps a PIL image to the RGB control image its ControlNet was trained on."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+
+def _canny(image: Image.Image, low: float = 100, high: float = 200) -> Image.Image:
+    try:
+        import cv2
+    except ImportError:
+        raise RuntimeError("the canny preprocessor needs OpenCV: pip install opencv-python-headless") from None
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), int(low), int(high))
+    return Image.fromarray(edges).convert("RGB")
+
+
+PREPROCESSORS = {
+    "none": lambda image, a=None, b=None: image.convert("RGB"),
+    "canny": lambda image, a=None, b=None: _canny(image, 100 if a is None else a, 200 if b is None else b),
+    "invert": lambda image, a=None, b=None: ImageOps.invert(image.convert("RGB")),
+    "blur_gaussian": lambda image, a=None, b=None: image.convert("RGB").filter(ImageFilter.GaussianBlur(9 if a is None else a)),
+}
+
+
+def preprocess(name: str, image: Image.Image, threshold_a: float | None = None,
+               threshold_b: float | None = None) -> Image.Image:
+    """Apply preprocessor `name` (A1111's threshold_a / threshold_b are its two parameters)."""
+    if name not in PREPROCESSORS:
+        raise ValueError(f"unknown control preprocessor {name!r}; choose from {', '.join(PREPROCESSORS)} "
+                         "(preprocessors that need downloaded weights, such as depth estimators, are not available)")
+    return PREPROCESSORS[name](image, threshold_a, threshold_b)
