@@ -5,7 +5,7 @@ The table `data/golden/table.json` holds each PNG's SHA-256, recorded with
 `python tests/test_golden.py --record`; the PNGs themselves sit beside it. On the CPU the table
 was recorded on the SHA-256 must match exactly. On another CPU (other oneDNN kernels, other
 float rounding) bit-identity is not expected: there the pixels must lie within 2 levels of the
-recorded PNG and the text must match but for the model hash.
+recorded PNG (bfloat16 runs: within 28 dB PSNR) and the text must match but for the model hash.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import pytest
 from PIL import Image
 
 DATA = Path(__file__).parent / "data" / "golden"
+# Runs in bfloat16: on another CPU their pixels are held to a PSNR (measured 31.8 dB between an
+# AVX2 machine, bf16 emulated, and an AVX-512 BF16 one), not to 2 levels.
+REDUCED_PRECISION = {"bf16"}
 TABLE = DATA / "table.json"
 
 SAMPLERS = ["ddim", "plms", "ddpm", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "unipc", "euler_karras",
@@ -118,8 +121,14 @@ def test_golden(name, tmp_path):
             continue
         got, ref = Image.open(f), Image.open(DATA / "png" / f"{name}-{i}.png")
         assert got.size == ref.size
-        diff = np.abs(np.asarray(got, np.int16) - np.asarray(ref, np.int16)).max()
-        assert diff <= 2, f"{name} image {i}: max pixel difference {diff} on another CPU"
+        a, b = np.asarray(got, np.int16), np.asarray(ref, np.int16)
+        if name in REDUCED_PRECISION:  # bf16 rounds per kernel: native AVX-512 BF16 / AMX vs emulation
+            mse = float(((a - b).astype(np.float64) ** 2).mean())
+            psnr = 10 * np.log10(255**2 / max(mse, 1e-9))
+            assert psnr >= 28, f"{name} image {i}: {psnr:.1f} dB from the recorded one on another CPU"
+        else:
+            diff = np.abs(a - b).max()
+            assert diff <= 2, f"{name} image {i}: max pixel difference {diff} on another CPU"
         assert _without_hash(got.text.get("parameters", "")) == _without_hash(ref.text.get("parameters", ""))
 
 

@@ -11,6 +11,7 @@ import random
 import sys
 from pathlib import Path
 
+from sdtorch.cli.control import control_unit
 from sdtorch.sampling import samplers
 from sdtorch.sampling.schedulers import SCHEDULERS
 
@@ -223,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
     _set_memory_options(pipe, args)
     args.refiner_pipe = load(args.refiner, dtype=args.dtype) if args.refiner else None
-    args.control_units = tuple(_control_unit(spec, pipe, args) for spec in args.control)
+    args.control_units = tuple(control_unit(spec, pipe, args) for spec in args.control)
     pipe.deep_cache = (args.deep_cache, args.deep_cache_branch) if args.deep_cache > 1 else None
     for spec in args.lora:
         pipe.load_lora(*_lora_spec(spec))
@@ -317,28 +318,6 @@ def _request(args: argparse.Namespace, seed: int):
         refiner=getattr(args, "refiner_pipe", None), refiner_switch_at=args.refiner_switch_at,
         controls=getattr(args, "control_units", ()),
     ).validate()
-
-
-def _control_unit(spec: str, pipe, args: argparse.Namespace):
-    """--control PATH:IMAGE[:WEIGHT] -> a `ControlUnit` with its ControlNet loaded for this model."""
-    from sdtorch.adapters.control import ControlUnit
-    from sdtorch.conditioning.preprocess import preprocess
-    from sdtorch.formats import controlnet
-    from sdtorch.generate.images import open_image
-
-    parts = spec.split(":")
-    weight = 1.0
-    if len(parts) >= 3:
-        try:
-            weight = float(parts[-1])
-            parts = parts[:-1]
-        except ValueError:
-            pass
-    if len(parts) != 2:
-        raise ValueError(f"--control takes PATH:IMAGE[:WEIGHT], got {spec!r}")
-    model = controlnet.load(parts[0], pipe.config.unet, dtype=pipe.dtype, device=pipe.device)
-    image = preprocess(args.control_preprocess, open_image(parts[1]))
-    return ControlUnit(model, image, weight, args.control_start, args.control_end, args.control_mode)
 
 
 def _condition(path: str | None):

@@ -68,9 +68,9 @@ def detect_diffusers(sd: StateDict) -> ControlNetConfig:
     blocks = len(_indices(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\."))
     embed = [sd["controlnet_cond_embedding.conv_in.weight"].shape[0]]
     embed += [sd[f"controlnet_cond_embedding.blocks.{j}.weight"].shape[0] for j in range(1, blocks, 2)]
-    unet = UNetConfig(model_channels=mc, channel_mult=mult, attention_resolutions=attn,
-                      num_res_blocks=len(_indices(sd, r"down_blocks\.0\.resnets\.(\d+)\.")),
-                      adm_in_channels=sd["add_embedding.linear_1.weight"].shape[1] if "add_embedding.linear_1.weight" in sd else 0)
+    adm = sd["add_embedding.linear_1.weight"].shape[1] if "add_embedding.linear_1.weight" in sd else 0
+    unet = UNetConfig(model_channels=mc, channel_mult=mult, attention_resolutions=attn, adm_in_channels=adm,
+                      num_res_blocks=len(_indices(sd, r"down_blocks\.0\.resnets\.(\d+)\.")))
     return ControlNetConfig(unet, embed_channels=tuple(embed))
 
 

@@ -33,6 +33,7 @@ from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ModelConfig
 from sdtorch.families import concat_kind
 from sdtorch.formats.files import sha256
+from sdtorch.generate.control import controlled_unet
 from sdtorch.generate.guidance import conditions
 from sdtorch.generate.images import ImageLike, extend_canvas, img2img_start, open_image
 from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
@@ -43,10 +44,8 @@ from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling import samplers
 from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, MaskBlend, ScheduledCFG
 from sdtorch.sampling.noise import initial_noise
-from sdtorch.sampling.schedule import sigma_to_t, training_sigmas
 
 log = logging.getLogger(__name__)
-
 
 
 class Pipeline:
@@ -182,17 +181,12 @@ class Pipeline:
             self.embedding_files[word] = path if path.is_file() else min(f for f in path.rglob(f"{word}.*") if f.is_file())
         return list(found)
 
-    def denoiser(self, cfg_scale: float, quantize: bool = False, scheduled=None,
-                 control: Callable | None = None) -> CFGDenoiser | ScheduledCFG:
-        """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32, where cond and
-        uncond are `Condition`s (or bare text states); with `scheduled` (parts, negative schedule)
-        A1111's prompt schedules and AND (`ScheduledCFG`); `control(sigma_to_t)` -> a ControlNet
-        wrapper of the UNet (`sdtorch.adapters.control.ControlledUNet`; the plain UNet's stages)."""
-        net = self._compiled or self.unet
-        if self.deep_cache is not None:
-            net = DeepCache(self.unet, *self.deep_cache)
-        if control is not None:
-            net = control(lambda s: sigma_to_t(s, training_sigmas(self.config.schedule), quantize))
+    def denoiser(self, cfg_scale: float, quantize: bool = False, scheduled=None, control: Callable | None = None):
+        """The UNet as a guided denoiser D(x, sigma, cond, uncond) -> x0 in float32 (`CFGDenoiser`), cond and
+        uncond `Condition`s (or bare text states); with `scheduled` (parts, negative schedule) A1111's prompt
+        schedules and AND (`ScheduledCFG`); `control(quantize)`: the UNet with ControlNets (`generate.control`)."""
+        net = DeepCache(self.unet, *self.deep_cache) if self.deep_cache is not None else self._compiled or self.unet
+        net = control(quantize) if control is not None else net
 
         def unet(x, t, context, y=None):
             return (net(x, t, context) if y is None else net(x, t, context, y)).float()
@@ -210,8 +204,7 @@ class Pipeline:
         for clip in self.text_encoders if self.low_memory else ():  # weights released, modules kept (meta)
             clip.to_empty(device="meta")
 
-        control = self._control(params, start, stop) if params.controls else None
-
+        control = controlled_unet(self, params, start, stop) if params.controls else None
         def make_model(quantize: bool):
             model = self.denoiser(params.cfg_scale, quantize, text.scheduled, control)
             return MaskBlend(model, *blend) if blend else model
@@ -222,26 +215,6 @@ class Pipeline:
             eta=params.eta, disable=not progress, prediction=self.config.prediction, init=init, start=start,
             scheduler=params.scheduler, stop=stop, noised=noised,
         )
-
-    def _control(self, params: GenerationParams, start: int, stop: int | None) -> Callable:
-        """The request's ControlNet units checked against this model, their images at the output
-        size, and a factory of the wrapper (given how sigmas map to timesteps)."""
-        from sdtorch.adapters.control import ControlledUNet, control_image
-        from sdtorch.formats.controlnet import check_fits
-        from sdtorch.generate.request import RequestError
-        from sdtorch.sampling.schedulers import grid
-
-        units = []
-        for unit in params.controls:
-            try:
-                check_fits(unit.model.cfg, self.config.unet)
-            except ValueError as e:
-                raise RequestError("controls", str(e)) from None
-            hint = control_image(unit.image, params.width, params.height, unit.resize)
-            units.append((unit, hint.to(self.device, unit.model.dtype)))
-        sigmas, _ = grid(*samplers.resolve(params.sampler, params.scheduler), params.steps, self.config.schedule)
-        sigmas = sigmas[start : (stop if stop is not None else len(sigmas) - 1)]
-        return lambda to_t: ControlledUNet(self.unet, units, to_t(sigmas), params.batch_size)
 
     def latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
         f = self.vae.downscale
