@@ -21,6 +21,7 @@ from sdtorch.formats.diffusers_config import diffusers_configs
 from sdtorch.formats.files import CheckpointError
 
 EMBED = (16, 32, 96, 256)  # the hint encoder's widths (the real ones: 8x down to the latents)
+EMBED_DOWN = 2 ** (len(EMBED) - 1)  # the control image is this many times the latents
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,16 +46,13 @@ def reference_controlnet(preset, seed: int = 0, embed: tuple[int, ...] = EMBED):
 
 def _inputs(preset, batch: int = 2):
     g = torch.Generator().manual_seed(7)
-    side = 16  # latent side; the control image is 8x that
+    side = 16  # latent side
     x = torch.randn(batch, 4, side, side, generator=g)
     hint = torch.rand(batch, 3, side * EMBED_DOWN, side * EMBED_DOWN, generator=g)
     t = torch.tensor([500.0] * batch)
     context = torch.randn(batch, 77, preset.unet.context_dim, generator=g)
     y = torch.randn(batch, preset.unet.adm_in_channels, generator=g) if preset.unet.adm_in_channels else None
     return x, hint, t, context, y
-
-
-EMBED_DOWN = 2 ** (len(EMBED) - 1)
 
 
 def _theirs(model, x, hint, t, context, y, preset):

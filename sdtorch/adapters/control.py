@@ -89,24 +89,31 @@ class ControlledUNet:
     second-order sampler's intermediate calls belong to the step they are inside)."""
 
     def __init__(self, unet, units: list[tuple[ControlUnit, torch.Tensor]], timesteps: torch.Tensor, batch: int):
-        self.unet, self.units, self.timesteps, self.batch = unet, units, timesteps, batch
+        self.unet, self.timesteps, self.batch = unet, timesteps.tolist(), batch
+        self.units = [(unit, hint.expand(batch, -1, -1, -1) if hint.shape[0] == 1 else hint) for unit, hint in units]
+        self._hints: dict[tuple[int, int], torch.Tensor] = {}  # (unit, rows) -> the hint batch
 
     def step(self, t: torch.Tensor) -> int:
+        """The sampler step whose timestep interval holds t (one scalar read per UNet call)."""
         t0 = float(t.reshape(-1)[0])
-        return max(0, int((self.timesteps >= t0 - 1e-3).sum()) - 1)
+        return max(0, sum(ts >= t0 - 1e-3 for ts in self.timesteps) - 1)
+
+    def hint(self, i: int, rows: int) -> torch.Tensor:
+        """Unit i's control image repeated to `rows` (a multiple of the batch), made once per run."""
+        if (i, rows) not in self._hints:
+            self._hints[i, rows] = self.units[i][1].repeat(rows // self.batch, 1, 1, 1)
+        return self._hints[i, rows]
 
     def residuals(self, x, t, context, y) -> list[torch.Tensor] | None:
         step, n = self.step(t), len(self.timesteps)
         total = None
-        for unit, hint in self.units:
+        for i, (unit, _) in enumerate(self.units):
             if not unit.active(step, n):
                 continue
             rows = slice(self.batch, None) if unit.cond_only and x.shape[0] > self.batch else slice(None)
             xs, ts, cs = x[rows], t.reshape(-1).expand(x.shape[0])[rows], context[rows]
             ys = None if y is None else y[rows]
-            h = hint.expand(self.batch, -1, -1, -1) if hint.shape[0] == 1 else hint
-            h = h.repeat(xs.shape[0] // self.batch, 1, 1, 1)
-            out = unit.model(xs[:, : unit.model.cfg.unet.in_channels], h, ts, cs, ys)
+            out = unit.model(xs[:, : unit.model.cfg.unet.in_channels], self.hint(i, xs.shape[0]), ts, cs, ys)
             out = [r * s for r, s in zip(out, unit.scales(len(out)))]
             if rows.start:  # the unconditional rows get no control
                 out = [torch.cat([r.new_zeros((rows.start, *r.shape[1:])), r]) for r in out]

@@ -89,7 +89,8 @@ def _few(keys: list[str], n: int = 8) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def _indices(sd: dict, pattern: str) -> list[int]:
+def indices(sd: dict, pattern: str) -> list[int]:
+    """The sorted distinct integers that `pattern`'s first group matches at the start of keys."""
     return sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
 
 
@@ -100,7 +101,7 @@ def detect_unet(sd: dict[str, torch.Tensor], out_channels: int | None = None) ->
     mc = first.shape[0]
     mults, attn, ds, res_per_level = [], [], 1, []
     count = 0
-    for i in _indices(sd, r"input_blocks\.(\d+)\.")[1:]:
+    for i in indices(sd, r"input_blocks\.(\d+)\.")[1:]:
         if f"input_blocks.{i}.0.op.weight" in sd:
             res_per_level.append(count)
             count, ds = 0, ds * 2
@@ -136,7 +137,7 @@ def _level_depths(sd: dict, levels: int, per_level: int) -> int | tuple[int, ...
     """Transformer blocks per attention layer: one number, or one per level (SDXL) where they
     differ; levels without attention count 1 (as SGM's configs write them)."""
     def count(block: str) -> int:
-        return len(_indices(sd, rf"{block}\.1\.transformer_blocks\.(\d+)\."))
+        return len(indices(sd, rf"{block}\.1\.transformer_blocks\.(\d+)\."))
 
     counts = [count(f"input_blocks.{1 + level * (per_level + 1)}") for level in range(levels)]
     middle = count("middle_block")
@@ -151,13 +152,13 @@ def _level_depths(sd: dict, levels: int, per_level: int) -> int | tuple[int, ...
 
 def detect_vae(sd: dict[str, torch.Tensor], scaling_factor: float = 0.18215) -> VAEConfig:
     ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    levels = indices(sd, r"encoder\.down\.(\d+)\.")
     return VAEConfig(
         in_channels=sd["encoder.conv_in.weight"].shape[1],
         out_ch=sd["decoder.conv_out.weight"].shape[0],
         ch=ch,
         ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels),
-        num_res_blocks=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
+        num_res_blocks=len(indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
         z_channels=sd["decoder.conv_in.weight"].shape[1],
         embed_dim=sd["post_quant_conv.weight"].shape[1],
         scaling_factor=scaling_factor,
@@ -174,7 +175,7 @@ def detect_clip(sd: dict[str, torch.Tensor], slot: TextSlot | str) -> ClipConfig
         vocab_size=tok.shape[0],
         max_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
         width=width,
-        layers=len(_indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
+        layers=len(indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
         heads=width // 64,
         mlp_ratio=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0] // width,
         act=slot.act,

@@ -18,7 +18,7 @@ import torch
 from sdtorch.config import UNetConfig
 from sdtorch.families import FAMILIES
 from sdtorch.formats import diffusers as convert
-from sdtorch.formats.checkpoint import _indices, detect_unet, load_strict
+from sdtorch.formats.checkpoint import indices, detect_unet, load_strict
 from sdtorch.formats.files import CheckpointError, read_state_dict
 from sdtorch.models.controlnet import ControlNet, ControlNetConfig
 
@@ -39,18 +39,18 @@ def _hint_table(cfg: ControlNetConfig) -> dict[str, str]:
 
 def to_diffusers(sd: StateDict, cfg: ControlNetConfig) -> StateDict:
     """Original ControlNet keys (no `control_model.`) -> diffusers `ControlNetModel` keys."""
-    return convert._rename(sd, convert._unet_table(cfg.unet) | _hint_table(cfg))
+    return convert.rename_keys(sd, convert.unet_table(cfg.unet) | _hint_table(cfg))
 
 
 def from_diffusers(sd: StateDict, cfg: ControlNetConfig) -> StateDict:
     """diffusers `ControlNetModel` keys -> original keys (no `control_model.`)."""
-    return convert._rename(sd, convert._invert(convert._unet_table(cfg.unet) | _hint_table(cfg)))
+    return convert.rename_keys(sd, convert.invert(convert.unet_table(cfg.unet) | _hint_table(cfg)))
 
 
 def detect(sd: StateDict, like: UNetConfig | None = None) -> ControlNetConfig:
     """The config of original-layout ControlNet weights (no prefix). `like`: the controlled UNet's
     config, whose head layout and GroupNorm groups the ControlNet shares."""
-    hint = _indices(sd, r"input_hint_block\.(\d+)\.weight")
+    hint = indices(sd, r"input_hint_block\.(\d+)\.weight")
     outs = [sd[f"input_hint_block.{i}.weight"].shape[0] for i in hint[:-1]]
     unet = detect_unet(sd, out_channels=4)
     if like is not None:
@@ -61,16 +61,16 @@ def detect(sd: StateDict, like: UNetConfig | None = None) -> ControlNetConfig:
 
 def detect_diffusers(sd: StateDict) -> ControlNetConfig:
     """Enough of a config to rename diffusers keys (levels, blocks per level, attention, hint widths)."""
-    levels = _indices(sd, r"down_blocks\.(\d+)\.")
+    levels = indices(sd, r"down_blocks\.(\d+)\.")
     mc = sd["conv_in.weight"].shape[0]
     mult = tuple(sd[f"down_blocks.{lv}.resnets.0.conv2.weight"].shape[0] // mc for lv in levels)
     attn = tuple(2**lv for lv in levels if f"down_blocks.{lv}.attentions.0.proj_in.weight" in sd)
-    blocks = len(_indices(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\."))
+    blocks = len(indices(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\."))
     embed = [sd["controlnet_cond_embedding.conv_in.weight"].shape[0]]
     embed += [sd[f"controlnet_cond_embedding.blocks.{j}.weight"].shape[0] for j in range(1, blocks, 2)]
     adm = sd["add_embedding.linear_1.weight"].shape[1] if "add_embedding.linear_1.weight" in sd else 0
     unet = UNetConfig(model_channels=mc, channel_mult=mult, attention_resolutions=attn, adm_in_channels=adm,
-                      num_res_blocks=len(_indices(sd, r"down_blocks\.0\.resnets\.(\d+)\.")))
+                      num_res_blocks=len(indices(sd, r"down_blocks\.0\.resnets\.(\d+)\.")))
     return ControlNetConfig(unet, embed_channels=tuple(embed))
 
 

@@ -33,7 +33,7 @@ StateDict = dict[str, Tensor]
 # Generic prefix renaming
 
 
-def _rename(sd: StateDict, table: dict[str, str]) -> StateDict:
+def rename_keys(sd: StateDict, table: dict[str, str]) -> StateDict:
     """Rename every key by its longest module prefix found in `table`."""
     out = {}
     for key, value in sd.items():
@@ -48,7 +48,7 @@ def _rename(sd: StateDict, table: dict[str, str]) -> StateDict:
     return out
 
 
-def _invert(table: dict[str, str]) -> dict[str, str]:
+def invert(table: dict[str, str]) -> dict[str, str]:
     return {v: k for k, v in table.items()}
 
 
@@ -70,7 +70,7 @@ _UNET_RESNET = {  # ldm ResBlock -> diffusers ResnetBlock2D
 }
 
 
-def _unet_table(cfg: UNetConfig) -> dict[str, str]:
+def unet_table(cfg: UNetConfig) -> dict[str, str]:
     """Original module path -> diffusers module path for one UNet configuration.
 
     Original input blocks: 0 is conv_in, then per level `num_res_blocks` (ResBlock[, attention])
@@ -118,12 +118,12 @@ def unet_from_diffusers(sd: StateDict, cfg: UNetConfig) -> StateDict:
     Transformer internals (attn1/attn2/ff/norm1-3, proj_in/proj_out) keep their names and shapes:
     proj_in/proj_out are 1x1 convs in both formats for SD1 and Linear in both for SD2.
     """
-    return _rename(sd, _invert(_unet_table(cfg)))
+    return rename_keys(sd, invert(unet_table(cfg)))
 
 
 def unet_to_diffusers(sd: StateDict, cfg: UNetConfig) -> StateDict:
     """Original UNet keys (no `model.diffusion_model.`) -> diffusers `UNet2DConditionModel`."""
-    return _rename(sd, _unet_table(cfg))
+    return rename_keys(sd, unet_table(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,12 +171,12 @@ def vae_from_diffusers(sd: StateDict, cfg: VAEConfig) -> StateDict:
     Mid-block attention q/k/v/proj_out weights: Linear (C, C) -> 1x1 conv (C, C, 1, 1).
     """
     sd = {k: v[:, :, None, None] if _is_vae_attn_weight(k) else v for k, v in sd.items()}
-    return _rename(sd, _invert(_vae_table(cfg)))
+    return rename_keys(sd, invert(_vae_table(cfg)))
 
 
 def vae_to_diffusers(sd: StateDict, cfg: VAEConfig) -> StateDict:
     """Original VAE keys (no `first_stage_model.`) -> diffusers `AutoencoderKL`."""
-    out = _rename(sd, _vae_table(cfg))
+    out = rename_keys(sd, _vae_table(cfg))
     return {k: v[:, :, 0, 0] if _is_vae_attn_weight(k) else v for k, v in out.items()}
 
 
@@ -218,7 +218,7 @@ def openclip_to_hf(sd: StateDict, *, projection: bool = False) -> StateDict:
         for name, part in zip("qkv", sd.pop(key).chunk(3, dim=0)):
             out[f"{hf}.self_attn.{name}_proj.{kind}"] = part
     layers = _count_layers(sd, "transformer.resblocks.")
-    return out | _rename(sd, _openclip_table(layers))
+    return out | rename_keys(sd, _openclip_table(layers))
 
 
 def hf_to_openclip(
@@ -238,7 +238,7 @@ def hf_to_openclip(
         hf, oc = f"text_model.encoder.layers.{i}.self_attn", f"transformer.resblocks.{i}.attn"
         for kind in ("weight", "bias"):
             out[f"{oc}.in_proj_{kind}"] = torch.cat([sd.pop(f"{hf}.{n}_proj.{kind}") for n in "qkv"])
-    out |= _rename(sd, _invert(_openclip_table(layers)))
+    out |= rename_keys(sd, invert(_openclip_table(layers)))
     extras = {"text_projection": text_projection, "logit_scale": logit_scale}
     return out | {k: v for k, v in extras.items() if v is not None}
 

@@ -9,7 +9,7 @@ Module paths equal the original file's keys minus `control_model.` (`input_hint_
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,9 +31,6 @@ class ControlNetConfig:
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.embed_channels) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def hint_block(cfg: ControlNetConfig) -> TimestepEmbedSequential:
