@@ -247,3 +247,63 @@ def test_cli_generate_with_a_controlnet_and_canny(tiny_file, tmp_path):
     assert main([*common, "--control", f"{tmp_path / 'missing'}:{tmp_path / 'shape.png'}"]) == 2
     assert main([*common, "--control", f"{tmp_path / 'control_tiny'}:{tmp_path / 'shape.png'}",
                  "--control-preprocess", "depth_midas"]) == 2
+
+
+# --- SDXL: against StableDiffusionXLControlNetPipeline, and with the refiner -------------------------
+
+
+@pytest.fixture(scope="module")
+def controlled_xl(tiny_xl_reference, tiny_xl_refiner_reference, tmp_path_factory):
+    import sdtorch
+
+    theirs = reference_controlnet(TINY_XL, seed=30, embed=(16, 32))
+    folder = tmp_path_factory.mktemp("cn-xl") / "cn"
+    theirs.save_pretrained(folder)
+    ours = sdtorch.load(tiny_xl_reference.checkpoint, config=tiny_xl_reference.preset)
+    refiner = sdtorch.load(tiny_xl_refiner_reference.checkpoint, config=tiny_xl_refiner_reference.preset)
+    return ours, refiner, tiny_xl_reference.folder, theirs, cn_format.load(folder, TINY_XL.unet)
+
+
+def test_sdxl_controlnet_txt2img_matches_diffusers(controlled_xl, parity_log):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
+    from sdtorch.adapters.control import ControlUnit
+    from sdtorch.generate.request import GenerationRequest
+
+    ours, _, folder, theirs_net, net = controlled_xl
+    hint = _hints(1)[0]
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(folder, controlnet=theirs_net, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(PROMPT, image=hint, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5, height=64,
+                  width=64, num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(1234), output_type="pt",
+                  controlnet_conditioning_scale=0.7, control_guidance_start=0.0, control_guidance_end=0.8).images
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=6, sampler="euler", scheduler="automatic", seed=1234, width=64,
+                                height=64, batch_size=2, prompt_syntax="plain",
+                                controls=(ControlUnit(net, hint, weight=0.7, start=0.0, end=0.8),))
+    got = torch.stack([_tensor(im) for im in ours.run(request).images])
+    plain = _tensor(ours.run(replace(request, controls=())).images[0])
+    mse = (got - theirs.float()).pow(2).mean().item()
+    psnr = 10 * math.log10(1 / max(mse, 1e-12))
+    parity_log("controlnet sdxl txt2img PSNR (8-bit images)", psnr, worst=min)
+    assert psnr >= 45, psnr
+    assert (got[0] - plain).abs().max() > 0.01
+
+
+def test_sdxl_controlnet_guides_the_base_steps_before_the_refiner(controlled_xl):
+    """A1111's refiner_switch_at with a ControlNet: the base's steps are controlled, the refiner's are
+    not (the ControlNet is made for the base UNet): the same as handing the controlled base's
+    latents to the refiner (diffusers' denoising_end / denoising_start) for a deterministic sampler."""
+    from sdtorch.adapters.control import ControlUnit
+    from sdtorch.generate.request import GenerationRequest
+
+    ours, refiner, _, _, net = controlled_xl
+    unit = ControlUnit(net, _hints(1)[0], weight=0.9)
+    common = dict(steps=10, sampler="euler", scheduler="automatic", seed=5, width=64, height=64, prompt_syntax="plain")
+    one = ours.run(GenerationRequest(PROMPT, NEGATIVE, refiner=refiner, refiner_switch_at=0.8, controls=(unit,), **common))
+    first = ours.run(GenerationRequest(PROMPT, NEGATIVE, denoising_end=0.8, controls=(unit,), **common))
+    second = refiner.run(GenerationRequest(PROMPT, NEGATIVE, init_latents=first.latents, denoising_start=0.8, **common))
+    assert ((one.latents - second.latents).abs().max() / second.latents.abs().max()).item() <= 1e-5
+    uncontrolled = ours.run(GenerationRequest(PROMPT, NEGATIVE, refiner=refiner, refiner_switch_at=0.8, **common))
+    assert (uncontrolled.latents - one.latents).abs().max() > 1e-3
+    assert 'ControlNet 0: "Module: none, Model: cn' in one.infotexts[0]

@@ -17,14 +17,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-MODES = ("balanced", "prompt", "control", "guess")
-RESIZE_MODES = ("crop", "just", "fill")  # A1111: Crop and Resize, Just Resize, Resize and Fill
+MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",  # mode -> A1111's label
+         "control": "ControlNet is more important", "guess": "Guess Mode"}
+RESIZE_MODES = {"crop": "Crop and Resize", "just": "Just Resize", "fill": "Resize and Fill"}
 
 
 @dataclass(frozen=True)
 class ControlUnit:
     """model: a loaded `sdtorch.models.controlnet.ControlNet`; image: the control image (PIL, or a
-    (1 or B, C, H, W) tensor in [0, 1]), resized to the output per `resize`."""
+    (1 or B, C, H, W) tensor in [0, 1]), resized to the output per `resize`; module: the
+    preprocessor that made the image (for the infotext)."""
 
     model: Any
     image: Any
@@ -33,6 +35,7 @@ class ControlUnit:
     end: float = 1.0
     mode: str = "balanced"
     resize: str = "crop"
+    module: str = "none"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -57,6 +60,13 @@ class ControlUnit:
     @property
     def cond_only(self) -> bool:
         return self.mode in ("control", "guess")
+
+    def infotext(self) -> str:
+        """sd-webui-controlnet's infotext of a unit ("Module: canny, Model: name [hash], ...")."""
+        fields = {"Module": self.module, "Model": getattr(self.model, "title", "") or "ControlNet",
+                  "Weight": self.weight, "Resize Mode": RESIZE_MODES[self.resize], "Guidance Start": self.start,
+                  "Guidance End": self.end, "Control Mode": MODES[self.mode]}
+        return ", ".join(f"{k}: {v}" for k, v in fields.items())
 
 
 def control_image(image, width: int, height: int, resize: str = "crop") -> torch.Tensor:

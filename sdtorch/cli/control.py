@@ -24,5 +24,6 @@ def control_unit(spec: str, pipe, args: argparse.Namespace):
         raise ValueError(f"--control takes PATH:IMAGE[:WEIGHT], got {spec!r}")
     model = controlnet.load(parts[0], pipe.config.unet, dtype=pipe.dtype, device=pipe.device)
     image = preprocess(args.control_preprocess, open_image(parts[1]))
-    return ControlUnit(model, image, weight, args.control_start, args.control_end, args.control_mode)
+    return ControlUnit(model, image, weight, args.control_start, args.control_end, args.control_mode,
+                       module=args.control_preprocess)
 

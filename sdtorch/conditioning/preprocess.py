@@ -1,7 +1,8 @@
 """Control-image preprocessors that need no downloaded weights (sd-webui-controlnet's module names):
 "none", "canny" (OpenCV's Canny edges; thresholds A1111's defaults 100 / 200), "invert" (white
 lines on black from black on white), "blur_gaussian" (for tile / blur ControlNets; sigma in
-pixels). Each maps a PIL image to the RGB control image its ControlNet was trained on."""
+pixels), "tile_resample" (for tile ControlNets: the image made threshold_a times smaller). Each
+maps a PIL image to the RGB control image its ControlNet was trained on."""
 
 from __future__ import annotations
 
@@ -18,11 +19,21 @@ def _canny(image: Image.Image, low: float = 100, high: float = 200) -> Image.Ima
     return Image.fromarray(edges).convert("RGB")
 
 
+def _tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
+    """sd-webui-controlnet's tile_resample: the image made `rate` times smaller (none below 1.1)."""
+    image = image.convert("RGB")
+    if rate < 1.1:
+        return image
+    size = (max(1, int(image.width / rate)), max(1, int(image.height / rate)))
+    return image.resize(size, Image.BOX)
+
+
 PREPROCESSORS = {
     "none": lambda image, a=None, b=None: image.convert("RGB"),
     "canny": lambda image, a=None, b=None: _canny(image, 100 if a is None else a, 200 if b is None else b),
     "invert": lambda image, a=None, b=None: ImageOps.invert(image.convert("RGB")),
     "blur_gaussian": lambda image, a=None, b=None: image.convert("RGB").filter(ImageFilter.GaussianBlur(9 if a is None else a)),
+    "tile_resample": lambda image, a=None, b=None: _tile_resample(image, 1.0 if a is None else a),
 }
 
 

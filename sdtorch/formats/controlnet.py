@@ -122,6 +122,7 @@ def load(path: str | Path, like: UNetConfig, *, dtype: torch.dtype = torch.float
     with torch.device("meta"):
         model = ControlNet(cfg)
     load_strict(model, sd, "ControlNet", dtype, consume=True)
+    model.title = name_of(path)
     return model.to(device).eval()
 
 

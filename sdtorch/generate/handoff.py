@@ -9,6 +9,7 @@ index (`finish_latents`). AUTOMATIC1111's way is one run whose model changes at
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -35,9 +36,10 @@ def finish_latents(pipe, latents: torch.Tensor, params: GenerationParams, start:
 def refine_latents(pipe, refiner, params: GenerationParams, switch: int, callback: Callable | None = None,
                    progress: bool = True) -> torch.Tensor:
     """AUTOMATIC1111's refiner: one sampler run whose model becomes `refiner` at grid index `switch`
-    (with its own text encoder and micro-conditioning), one noise source throughout."""
+    (with its own text encoder and micro-conditioning), one noise source throughout. ControlNets
+    guide the base model's steps only (they are made for its UNet, not the refiner's)."""
     validate(params, pipe.vae.downscale)
     source, noise = pipe._noise(params, pipe.latent_shape(params))
     x = pipe._sample(params, source, noise, callback, progress, stop=switch)
-    return refiner._sample(params, source, x, callback, progress, init=x.to(refiner.device), start=switch,
-                           noised=True)
+    return refiner._sample(replace(params, controls=()), source, x, callback, progress, init=x.to(refiner.device),
+                           start=switch, noised=True)

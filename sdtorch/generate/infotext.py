@@ -59,6 +59,8 @@ def infotext(pipe, p, index: int = 0) -> str:
         fields["DeepCache"] = f"interval {pipe.deep_cache[0]} branch {pipe.deep_cache[1]}"
     if pipe.dtype != torch.float32:
         fields["Precision"] = str(pipe.dtype).removeprefix("torch.")
+    for i, unit in enumerate(p.controls):  # as sd-webui-controlnet writes them
+        fields[f"ControlNet {i}"] = _quote(unit.infotext())
     fields.update(p.extra)
     fields["Version"] = sdtorch_version()
     line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != "")

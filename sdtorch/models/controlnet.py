@@ -51,6 +51,7 @@ class ControlNet(nn.Module):
     def __init__(self, cfg: ControlNetConfig):
         super().__init__()
         self.cfg = cfg
+        self.title = ""  # its name in infotexts ("control_v11p_sd15_canny [d14c016b]"), set by the loader
         self.time_embed, label_emb = time_embedding(cfg.unet)
         if label_emb is not None:
             self.label_emb = label_emb

@@ -10,7 +10,7 @@ that is not instruct-pix2pix) are ignored here the same way. Unknown fields are 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from PIL import Image
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sdtorch.generate import GenerationRequest, RequestError
 from sdtorch.sampling import samplers
+from sdtorch.serve import controlnet as cn
 from sdtorch.serve import images as imgs
 
 
@@ -128,6 +129,7 @@ class Plan:
 
     runs: list[GenerationRequest]
     finish: Callable[[Image.Image], Image.Image] = lambda im: im
+    maps: list[Image.Image] = field(default_factory=list)  # ControlNet maps shown after the images
 
 
 def parse(kind: str, body: dict) -> _Common:
@@ -143,10 +145,11 @@ def resolve_seeds(req: _Common) -> tuple[int, int]:
 
 def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Limits, seed: int, subseed: int,
          lora_exists: Callable[[str], None] | None = None, styles: dict | None = None,
-         seed_mode: str = "a1111") -> Plan:
+         seed_mode: str = "a1111", controlnet: Callable[[str], Any] | None = None) -> Plan:
     """The runs one A1111 request makes on a loaded model of native size `native` (pixels), with
     its resolved `seed` (batches get seed, seed + batch_size, ... as A1111 numbers them).
-    `options` are the server's current options, updated by the request's override_settings.
+    `options` are the server's current options, updated by the request's override_settings;
+    `controlnet(name)`: the loaded ControlNet a unit names (KeyError for an unknown one).
     Raises `RequestError` naming the first field it cannot honour."""
     _refuse_unsupported(req)
     opts = {**options, **_overrides(req)}
@@ -169,6 +172,7 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
                                 f"{limits.max_pixels}")
     if isinstance(req, Img2Img):
         base, finish = _img2img(req, base)
+    base, maps = _controls(req, base, controlnet)
     try:
         base.validate(downscale)
     except RequestError as e:
@@ -177,7 +181,22 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         _check_loras(prompt, lora_exists)
     if req.refiner_checkpoint and req.refiner_switch_at != 1:  # the worker attaches the loaded refiner
         base = replace(base, refiner_switch_at=req.refiner_switch_at or 0.8)
-    return Plan([_replace_seed(base, i * req.batch_size) for i in range(req.n_iter)], finish)
+    return Plan([_replace_seed(base, i * req.batch_size) for i in range(req.n_iter)], finish, maps)
+
+
+def _controls(req: _Common, base: GenerationRequest, controlnet: Callable[[str], Any] | None):
+    """sd-webui-controlnet's units (`serve.controlnet`) as the request's ControlUnits."""
+    args = cn.script_args(req.alwayson_scripts)
+    if not args:
+        return base, []
+
+    def unknown(name: str):
+        raise KeyError(f"unknown ControlNet model {name!r}; this server offers none (see --controlnet-dir)")
+
+    init = base.init_image if isinstance(req, Img2Img) else None
+    hires = isinstance(req, Txt2Img) and req.enable_hr
+    got = cn.units(args, base.width, base.height, controlnet or unknown, init_image=init, hires=hires)
+    return replace(base, controls=tuple(got.units)), got.maps
 
 
 def _hires(req: Txt2Img):
@@ -251,9 +270,6 @@ def _refuse_unsupported(req: _Common) -> None:
         _refuse("script_name", f"no script named {req.script_name!r} (this server has none)")
     if req.script_args:
         _refuse("script_args", "script arguments need a script_name")
-    if req.alwayson_scripts:
-        name = next(iter(req.alwayson_scripts))
-        _refuse("alwayson_scripts", f"no always-on script named {name!r} (this server has none)")
     if isinstance(req, Txt2Img) and req.enable_hr and req.hr_checkpoint_name:
         _refuse("hr_checkpoint_name", "a second checkpoint for the hires pass is not supported")
     if isinstance(req, Txt2Img) and (req.firstphase_width or req.firstphase_height):

@@ -288,6 +288,7 @@ def add_worker_command(sub) -> None:
     p.add_argument("--checkpoint", help="the model loaded at start (default: the built-in emoji model)")
     p.add_argument("--models-dir", help="every checkpoint in this folder can be asked for (as on the API node)")
     p.add_argument("--lora-dir")
+    p.add_argument("--controlnet-dir", help="ControlNet files units name (default: MODELS_DIR/ControlNet)")
     p.add_argument("--embeddings-dir")
     p.add_argument("--styles-file")
     p.add_argument("--name", default=None, help="worker name (default: host-pid)")
@@ -315,7 +316,7 @@ def run_worker(args: argparse.Namespace) -> int:
     store = RedisStore(args.queue, worker=name, results=args.results_dir, lease_ms=int(args.lease * 1000))
     lora_dir = args.lora_dir or default_lora_dir(args.models_dir)
     models = Models(args.checkpoint, args.models_dir, dtype=args.dtype, lora_dir=lora_dir,
-                    embeddings_dir=args.embeddings_dir)
+                    embeddings_dir=args.embeddings_dir, controlnet_dir=args.controlnet_dir)
     models.get(models.default)
     options = {"sd_model_checkpoint": models.default, "CLIP_stop_at_last_layers": 1}
 

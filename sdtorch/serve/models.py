@@ -18,6 +18,7 @@ from sdtorch.formats.atomic import atomic_write
 from sdtorch.formats.files import sha256
 from sdtorch.generate import Pipeline, load
 from sdtorch.generate.loading import BUILTIN
+from sdtorch.serve.controlnet import ControlNets
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Models:
 
     def __init__(self, checkpoint: str | Path | None = None, models_dir: str | Path | None = None,
                  cache_dir: Path | None = None, dtype: str = "fp32", lora_dir: Path | None = None,
-                 embeddings_dir: Path | None = None):
+                 embeddings_dir: Path | None = None, controlnet_dir: str | Path | None = None):
         self.models_dir = Path(models_dir) if models_dir else None
         self.default_path = Path(checkpoint) if checkpoint else BUILTIN
         if not self.default_path.exists():
@@ -81,6 +82,9 @@ class Models:
             raise FileNotFoundError(f"models directory not found: {self.models_dir}")
         self.hashes = HashCache(cache_dir / "hashes.json" if cache_dir else None)
         self.dtype, self.lora_dir, self.embeddings_dir = dtype, lora_dir, embeddings_dir
+        if controlnet_dir is None and self.models_dir is not None:
+            controlnet_dir = self.models_dir / "ControlNet"  # A1111's models/ControlNet
+        self.controlnets = ControlNets(controlnet_dir)
         self._lock = threading.Lock()
         self._loaded: tuple[str, Pipeline] | None = None
         self._refiner: tuple[str, Pipeline] | None = None  # the SDXL refiner requests name (one kept loaded)
@@ -92,7 +96,9 @@ class Models:
         if self.models_dir is not None:
             for path in sorted(self.models_dir.rglob("*")):
                 rel = path.relative_to(self.models_dir).as_posix()
-                if path.is_file() and path.suffix in SUFFIXES and "Lora" not in path.parts:
+                if self._elsewhere(path):
+                    continue
+                if path.is_file() and path.suffix in SUFFIXES:
                     found.append(self._entry(rel, path))
                 elif path.is_dir() and (path / "model_index.json").is_file():
                     found.append(Checkpoint(rel, path, None))
@@ -101,6 +107,11 @@ class Models:
             if c.path.resolve() not in seen:
                 seen.add(c.path.resolve())
                 self.entries.append(c)
+
+    def _elsewhere(self, path: Path) -> bool:
+        """LoRA and ControlNet files are not checkpoints."""
+        cn = self.controlnets.directory
+        return "Lora" in path.parts or (cn is not None and path.is_relative_to(cn))
 
     def _entry(self, name: str, path: Path) -> Checkpoint:
         return Checkpoint(name, path, self.hashes.sha256(path) if path.is_file() else None)

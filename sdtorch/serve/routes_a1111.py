@@ -13,7 +13,7 @@ from sdtorch.generate import RequestError
 from sdtorch.generate.infotext import parse_infotext
 from sdtorch.sampling import samplers
 from sdtorch.sampling.schedulers import SCHEDULERS
-from sdtorch.serve import a1111
+from sdtorch.serve import a1111, controlnet
 from sdtorch.serve.images import decode_image, encode_png
 from sdtorch.serve.service import Service
 
@@ -24,6 +24,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
     _generation(app, service)
     _state(app, service)
     _lists(app, service)
+    _controlnet(app, service)
 
 
 def _generation(app: FastAPI, service: Service) -> None:
@@ -173,11 +174,12 @@ def _lists(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": [controlnet.SCRIPT], "img2img": [controlnet.SCRIPT]}
 
     @app.get("/sdapi/v1/script-info")
     def script_info():
-        return []
+        return [{"name": controlnet.SCRIPT, "is_alwayson": True, "is_img2img": img2img, "args": []}
+                for img2img in (False, True)]
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae():
@@ -194,3 +196,38 @@ def _lists(app: FastAPI, service: Service) -> None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return {"ram": {"peak_rss": rss}, "cuda": {"error": "no CUDA device"}}
 
+
+
+def _controlnet(app: FastAPI, service: Service) -> None:
+    """sd-webui-controlnet's routes (`serve.controlnet`)."""
+
+    @app.get("/controlnet/version")
+    def version():
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    def model_list(update: bool = True):
+        return {"model_list": [e.title for e in service.models.controlnets.entries()]}
+
+    @app.get("/controlnet/module_list")
+    def module_list(alias_names: bool = False):
+        from sdtorch.conditioning.preprocess import PREPROCESSORS
+
+        return {"module_list": list(PREPROCESSORS),
+                "module_detail": {name: controlnet.module_detail(name) for name in PREPROCESSORS}}
+
+    @app.post("/controlnet/detect")
+    def detect(body: dict = Body(...)):
+        from sdtorch.generate.output import png_bytes
+
+        images = body.get("controlnet_input_images", body.get("controlnet_images"))
+        if not isinstance(images, list) or not images:
+            raise RequestError("controlnet_input_images", "controlnet_input_images: a list of base64 images is required")
+        unit = {"module": body.get("controlnet_module", "none"), "image": None,
+                "processor_res": body.get("controlnet_processor_res", 512),
+                "threshold_a": body.get("controlnet_threshold_a", -1), "threshold_b": body.get("controlnet_threshold_b", -1)}
+        out = []
+        for i, data in enumerate(images):
+            image = decode_image(data, f"controlnet_input_images[{i}]")
+            out.append(encode_png(png_bytes(controlnet.detect(unit, image))))
+        return {"images": out, "info": "Success"}

@@ -24,6 +24,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--models-dir", help="every checkpoint in this folder is offered by name (nothing else can be loaded)")
     p.add_argument("--lora-dir", help="the folder <lora:NAME:W> tags are resolved in (default: MODELS_DIR/Lora)")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings for every model")
+    p.add_argument("--controlnet-dir", help="the ControlNet files requests' units can name (default: MODELS_DIR/ControlNet)")
     p.add_argument("--styles-file", help="A1111's styles.csv: requests' `styles` are applied by name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
@@ -69,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     settings = Settings(
         data_dir=Path(args.data_dir), checkpoint=args.checkpoint, models_dir=args.models_dir, lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir, styles_file=args.styles_file, seed_mode=args.seed_mode,
+        embeddings_dir=args.embeddings_dir, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file, seed_mode=args.seed_mode,
         max_queue=args.max_queue,
         preview_every=args.preview_every,
         preview=args.preview, dtype=args.dtype, auth=_auth(args.api_auth),

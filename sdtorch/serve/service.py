@@ -65,6 +65,7 @@ class Settings:
     models_dir: str | None = None
     lora_dir: str | None = None
     embeddings_dir: str | None = None
+    controlnet_dir: str | None = None
     styles_file: str | None = None
     seed_mode: str = "a1111"  # A1111's per-image seeds; "diffusers": the CLI's default
     max_queue: int = 64
@@ -86,7 +87,8 @@ class Service:
         self.recovered = self.store.recover()
         lora_dir = Path(settings.lora_dir) if settings.lora_dir else default_lora_dir(settings.models_dir)
         self.models = Models(settings.checkpoint, settings.models_dir, cache_dir=settings.data_dir, dtype=settings.dtype,
-                             lora_dir=lora_dir, embeddings_dir=Path(settings.embeddings_dir) if settings.embeddings_dir else None)
+                             lora_dir=lora_dir, embeddings_dir=Path(settings.embeddings_dir) if settings.embeddings_dir else None,
+                             controlnet_dir=settings.controlnet_dir)
         self.styles = read_styles(settings.styles_file) if settings.styles_file else {}
         self.options = {"sd_model_checkpoint": self.models.default, "CLIP_stop_at_last_layers": 1}
         self.hub = Hub()
@@ -141,7 +143,7 @@ class Service:
         options = dict(self.options)
         a1111.plan(req, native=native, downscale=downscale, options=options, limits=self.settings.limits,
                    seed=seed, subseed=subseed, lora_exists=self._lora_exists, styles=self.styles,
-                   seed_mode=self.settings.seed_mode)
+                   seed_mode=self.settings.seed_mode, controlnet=lambda name: self.models.controlnets.find(name).title)
         record = {"body": req.model_dump(exclude_unset=True), "seed": seed, "subseed": subseed, "options": options}
         job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
         if job is None:

@@ -179,7 +179,8 @@ class Worker:
         req = a1111.parse(job.kind, job.request["body"])
         plan = a1111.plan(req, native=pipe.config.sample_size, downscale=pipe.vae.downscale,
                           options=job.request["options"], limits=self.limits, seed=job.request["seed"],
-                          subseed=job.request["subseed"], styles=self.styles, seed_mode=self.seed_mode)
+                          subseed=job.request["subseed"], styles=self.styles, seed_mode=self.seed_mode,
+                          controlnet=lambda name: self.models.controlnets.load(name, pipe))
         runs = plan.runs
         if req.refiner_checkpoint and req.refiner_switch_at != 1:  # A1111: the refiner takes over within each run
             refiner = self.models.refiner(req.refiner_checkpoint)
@@ -206,6 +207,10 @@ class Worker:
                 images.append(png)
                 infotexts.append(im.info.get("parameters", ""))
                 seeds.append(seed)
+        for im in plan.maps if len(images) else ():  # the extension's detected maps, after the images
+            png = png_bytes(im)
+            self.store.save_image(job.id, len(images), png)
+            images.append(png)
         info = _info(job, req, plan, pipe, self.models, runs, infotexts, seeds, p.timestamp)
         if not self.store.complete(job.id, len(images), json.dumps(info)):
             raise Cancelled("the job was no longer running")
