@@ -97,11 +97,13 @@ def text_configs(cfg: ModelConfig) -> list:
 
 
 # UNet input channels -> the image conditioning the UNet takes beside its latents.
-CONCAT: dict[int, str] = {4: "", 9: "inpainting"}  # 9 = latents + mask + masked-image latents
+# 9 = latents + mask + masked-image latents; 8 = latents + the source image's latents (instruct-pix2pix);
+# 5 = latents + a depth map (SD 2 depth-to-image). What each takes: `sdtorch.generate.concat`.
+CONCAT: dict[int, str] = {4: "", 9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}
 
 
 def concat_kind(cfg: ModelConfig) -> str:
-    """"" for a plain UNet, "inpainting" for a 9-channel one; unknown channel counts are errors."""
+    """"" for a plain UNet, else its image conditioning (`CONCAT`); unknown channel counts are errors."""
     if cfg.unet.in_channels not in CONCAT:
         raise ValueError(f"a UNet with {cfg.unet.in_channels} input channels is not a known kind "
                          f"(known: {', '.join(map(str, CONCAT))})")

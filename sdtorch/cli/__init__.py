@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     i2i.add_argument("image")
     i2i.add_argument("prompt")
     i2i.add_argument("--strength", type=float, default=0.75, help="0 = keep the image, 1 = ignore it")
+    i2i.add_argument("--image-cfg", type=float, default=1.5, metavar="S",
+                     help="instruct-pix2pix models: image guidance scale (A1111's Image CFG scale)")
+    i2i.add_argument("--depth", metavar="MAP", default=None,
+                     help="depth-to-image models: the depth map (grey image or .npy/.pt tensor; brighter = nearer)")
     _common(i2i)
     _prompt_options(i2i)
 
@@ -316,8 +320,18 @@ def _request(args: argparse.Namespace, seed: int):
         subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
         hires=_hires(args), condition=_condition(getattr(args, "condition", None)),
         refiner=getattr(args, "refiner_pipe", None), refiner_switch_at=args.refiner_switch_at,
-        controls=getattr(args, "control_units", ()),
+        controls=getattr(args, "control_units", ()), image_cfg_scale=getattr(args, "image_cfg", 1.5),
+        depth_map=_depth(getattr(args, "depth", None)),
     ).validate()
+
+
+def _depth(path: str | None):
+    """A depth map from an image file (its grey levels, 8 or 16 bits) or a .npy / .pt / .safetensors tensor."""
+    from sdtorch.generate.images import open_image
+
+    if path is None:
+        return None
+    return _condition(path) if path.endswith((".npy", ".pt", ".safetensors")) else open_image(path, "F")
 
 
 def _condition(path: str | None):

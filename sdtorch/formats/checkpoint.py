@@ -25,10 +25,11 @@ from sdtorch.formats.files import SUFFIXES, CheckpointError, read_state_dict  # 
 log = logging.getLogger(__name__)
 
 # Keys real files carry that Stable Diffusion inference does not use: the training schedule's
-# buffers, EMA copies, CLIP's position ids, OpenCLIP's contrastive head, and the `v_pred` marker
-# some tools add (read by `read` before this filter).
+# buffers, EMA copies, CLIP's position ids, OpenCLIP's contrastive head, the `v_pred` marker
+# some tools add (read by `read` before this filter), and the MiDaS depth estimator SD 2
+# depth-to-image files carry (`depth_model.*`: sdtorch takes the depth map from the caller).
 IGNORED = re.compile(
-    r"^(v_pred$|model_ema\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|lvlb_weights$|logvar$"
+    r"^(v_pred$|model_ema\.|depth_model\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|lvlb_weights$|logvar$"
     r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"
     r"|cond_stage_model\.model\.(logit_scale|text_projection)$"
     r"|conditioner\.embedders\.\d+\.(transformer\.text_model\.embeddings\.position_ids|model\.logit_scale)$)"

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from sdtorch.adapters import lora, tiling
@@ -31,8 +30,8 @@ from sdtorch.conditioning.prompts import (
 )
 from sdtorch.conditioning.tokenizer import ClipTokenizer
 from sdtorch.config import ModelConfig
-from sdtorch.families import concat_kind
 from sdtorch.formats.files import sha256
+from sdtorch.generate.concat import inpaint_latents
 from sdtorch.generate.control import controlled_unet
 from sdtorch.generate.guidance import conditions
 from sdtorch.generate.images import ImageLike, extend_canvas, img2img_start, open_image
@@ -42,7 +41,7 @@ from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.unet import CrossAttention, UNetModel
 from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling import samplers
-from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, MaskBlend, ScheduledCFG
+from sdtorch.sampling.denoisers import CFGDenoiser, DiscreteDenoiser, ScheduledCFG
 from sdtorch.sampling.noise import initial_noise
 
 log = logging.getLogger(__name__)
@@ -196,10 +195,10 @@ class Pipeline:
 
     def _sample(self, params: GenerationParams, generator: torch.Generator, noise: torch.Tensor,
                 callback: Callable | None, progress: bool, *, init: torch.Tensor | None = None,
-                start: int = 0, concat: torch.Tensor | None = None, blend: tuple | None = None,
+                start: int = 0, concat: torch.Tensor | None = None, wrap: Callable | None = None,
                 stop: int | None = None, noised: bool = False) -> torch.Tensor:
-        """concat: (B, C', h, w) image channels the UNet takes beside the latents (inpainting UNets);
-        stop / noised: a hand-off between two models (`samplers.sample`)."""
+        """concat: (B, C', h, w) image channels the UNet takes beside the latents (`generate.concat`);
+        wrap(denoiser): a wrapper of the guided denoiser; stop / noised: a hand-off between two models."""
         text = conditions(self, params, concat)  # the prompt read once (LoRAs applied), or the encoder's tokens
         for clip in self.text_encoders if self.low_memory else ():  # weights released, modules kept (meta)
             clip.to_empty(device="meta")
@@ -207,7 +206,7 @@ class Pipeline:
         control = controlled_unet(self, params, start, stop) if params.controls else None
         def make_model(quantize: bool):
             model = self.denoiser(params.cfg_scale, quantize, text.scheduled, control)
-            return MaskBlend(model, *blend) if blend else model
+            return wrap(model) if wrap else model
 
         return samplers.sample(
             params.sampler, make_model, noise.to(self.device), params.steps, self.config.schedule,
@@ -259,28 +258,13 @@ class Pipeline:
         source, noise = self._noise(params, init.shape, generator)
         return self._sample(params, source, noise, callback, progress, init=init, start=start)
 
-    @torch.no_grad()
     def inpaint_latents(self, image: torch.Tensor, mask: torch.Tensor, params: GenerationParams,
                         strength: float = 1.0, callback: Callable | None = None,
                         progress: bool = True) -> torch.Tensor:
         """Repaint where mask == 1. image: (1, 3, H, W) in [-1, 1]; mask: (1, 1, H, W) in {0, 1}.
         9-channel inpainting UNets get the mask and the masked image as extra input channels (in
         the reference's order of random draws); ordinary UNets keep the known region by blending."""
-        validate(params, self.vae.downscale)
-        start = img2img_start(params.steps, strength)
-        generator = torch.Generator("cpu").manual_seed(params.seed)
-        small = F.interpolate(mask, size=self.latent_shape(params)[-2:]).to(self.device)  # nearest
-        if concat_kind(self.config) == "inpainting":  # the UNet takes mask + masked image
-            init = self.encode_image(image, generator, params.batch_size) if strength < 1 else None
-            source, noise = self._noise(params, self.latent_shape(params), generator)
-            masked = self.encode_image(image * (mask < 0.5), generator, params.batch_size)
-            concat = torch.cat([small.repeat(params.batch_size, 1, 1, 1), masked], dim=1)  # (B, 5, h, w)
-            return self._sample(params, source, noise, callback, progress, init=init, start=start, concat=concat)
-        known = self.encode_image(image, generator, params.batch_size)
-        source, noise = self._noise(params, known.shape, generator)
-        init = known if strength < 1 else None
-        x = self._sample(params, source, noise, callback, progress, init=init, start=start, blend=(known, small))
-        return small * x + (1 - small) * known  # exact outside the mask (in latent space)
+        return inpaint_latents(self, image, mask, params, strength, callback, progress)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:

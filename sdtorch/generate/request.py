@@ -106,6 +106,11 @@ class GenerationRequest:
     refiner_switch_at: float = 0.8
     # ControlNets (`sdtorch.adapters.control.ControlUnit`s), each with its image, weight, window, mode
     controls: tuple = ()
+    # Image-conditioned models (`sdtorch.generate.concat`): instruct-pix2pix's image guidance scale
+    # (A1111's image_cfg_scale), and a depth-to-image model's depth map (a PIL image or a (1, H, W)
+    # tensor, larger = nearer; no estimator can make one here).
+    image_cfg_scale: float = 1.5
+    depth_map: Any = None
 
     @property
     def kind(self) -> str:
@@ -207,6 +212,13 @@ class GenerationRequest:
         if self.mask is not None and _size(self.mask) != _size(self.init_image):
             (mw, mh), (w, h) = _size(self.mask), _size(self.init_image)
             raise RequestError("mask", f"mask is {mw}x{mh} but the image is {w}x{h}")
+        _check_number(self, "image_cfg_scale")
+        d = self.depth_map
+        if d is not None and not (isinstance(d, Image.Image) or (isinstance(d, torch.Tensor) and d.dim() in (2, 3))):
+            raise RequestTypeError("depth_map", f"depth_map must be a PIL image or a (1, H, W) tensor, got "
+                                                f"{type(d).__name__}{tuple(d.shape) if isinstance(d, torch.Tensor) else ''}")
+        if d is not None and self.init_image is None:
+            raise RequestError("depth_map", "a depth map goes with the init_image it describes (depth-to-image)")
 
     def _validate_adapters(self) -> None:
         for item in self.loras:

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from sdtorch.adapters.seamless import seamless
+from sdtorch.families import concat_kind
+from sdtorch.generate.concat import check_inputs, depth_latents, depth_tensor, edit_latents
 from sdtorch.generate.handoff import finish_latents, refine_latents
 from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor, sampled_steps
 from sdtorch.generate.params import GenerationParams
@@ -49,6 +51,7 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
         cancel: CancelToken | None = None, progress: bool = False, callback: Callable | None = None) -> RunResult:
     """callback(dict): also the sampler's own step dict (`x`, `denoised`, `i`, `sigma`)."""
     request = request.validate(pipe.vae.downscale).resolved()
+    check_inputs(pipe.config, request)
     if request.hires is not None:
         return _hires(pipe, request, on_step, cancel, progress)
     with pipe.lock, _scoped(pipe, request):
@@ -132,6 +135,12 @@ def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress
         stop = None if request.denoising_end is None else _handoff(pipe, params, request.denoising_end)
         return pipe.generate_latents(params, callback, progress, stop=stop)
     params.extra["Denoising strength"] = request.strength
+    kind = concat_kind(pipe.config)
+    if kind == "instruct-pix2pix":
+        params.extra["Image CFG scale"] = request.image_cfg_scale
+        return edit_latents(pipe, pixels, params, request.strength, request.image_cfg_scale, callback, progress)
+    if kind == "depth":
+        return depth_latents(pipe, pixels, depth_tensor(request.depth_map), params, request.strength, callback, progress)
     if request.mask is None:
         return pipe.img2img_latents(pixels, params, request.strength, callback, progress)
     mask = mask_tensor(request.mask, pixels.shape[-1], pixels.shape[-2])

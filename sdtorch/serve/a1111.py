@@ -361,7 +361,8 @@ def _img2img(req: Img2Img, base: GenerationRequest) -> tuple[GenerationRequest, 
     size = (base.width, base.height)
     if req.mask is None:
         image = imgs.resize(init.convert("RGB"), size, req.resize_mode)
-        return replace(base, init_image=image, strength=req.denoising_strength), lambda im: im
+        return replace(base, init_image=image, strength=req.denoising_strength,  # image CFG: instruct-pix2pix models
+                       image_cfg_scale=1.5 if req.image_cfg_scale is None else req.image_cfg_scale), lambda im: im
     if req.inpainting_fill not in (0, 1):
         _refuse("inpainting_fill", f"0 (fill) and 1 (original) are supported, got {req.inpainting_fill}")
     if req.inpainting_mask_invert not in (0, 1):

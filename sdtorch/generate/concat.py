@@ -1,0 +1,143 @@
+"""Image-conditioned UNets: what each kind (`sdtorch.families.CONCAT`) takes beside its latents
+(`Condition.concat`), made from the request's images, in the reference's order of random draws.
+
+- inpainting (9 channels): the mask and the masked image's latents (diffusers'
+  StableDiffusionInpaintPipeline); ordinary UNets inpaint by blending the known region instead.
+- instruct-pix2pix (8; Brooks et al. 2023): the source image's latents (the posterior's mean,
+  unscaled), with guidance on text and image: x0 = x0(∅, ∅) + s_img (x0(∅, I) - x0(∅, ∅))
+  + s_txt (x0(T, I) - x0(∅, I)) (diffusers' StableDiffusionInstructPix2PixPipeline, A1111's
+  image CFG scale).
+- depth (5; SD 2 depth-to-image): a depth map at latent size, scaled to [-1, 1] (diffusers'
+  StableDiffusionDepth2ImgPipeline with a given depth_map). Depth estimators need downloaded
+  weights, which this package does not have: the depth map is the caller's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdtorch.families import concat_kind
+from sdtorch.generate.images import img2img_start
+from sdtorch.generate.params import GenerationParams, validate
+from sdtorch.models.condition import Condition
+from sdtorch.sampling.denoisers import MaskBlend, ScheduledCFG
+
+
+@torch.no_grad()
+def inpaint_latents(pipe, image: torch.Tensor, mask: torch.Tensor, params: GenerationParams, strength: float = 1.0,
+                    callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+    """Repaint where mask == 1. image: (1, 3, H, W) in [-1, 1]; mask: (1, 1, H, W) in {0, 1}."""
+    validate(params, pipe.vae.downscale)
+    start = img2img_start(params.steps, strength)
+    generator = torch.Generator("cpu").manual_seed(params.seed)
+    small = F.interpolate(mask, size=pipe.latent_shape(params)[-2:]).to(pipe.device)  # nearest
+    if concat_kind(pipe.config) == "inpainting":  # the UNet takes mask + masked image
+        init = pipe.encode_image(image, generator, params.batch_size) if strength < 1 else None
+        source, noise = pipe._noise(params, pipe.latent_shape(params), generator)
+        masked = pipe.encode_image(image * (mask < 0.5), generator, params.batch_size)
+        concat = torch.cat([small.repeat(params.batch_size, 1, 1, 1), masked], dim=1)  # (B, 5, h, w)
+        return pipe._sample(params, source, noise, callback, progress, init=init, start=start, concat=concat)
+    known = pipe.encode_image(image, generator, params.batch_size)
+    source, noise = pipe._noise(params, known.shape, generator)
+    init = known if strength < 1 else None
+    x = pipe._sample(params, source, noise, callback, progress, init=init, start=start,
+                     wrap=lambda model: MaskBlend(model, known, small))
+    return small * x + (1 - small) * known  # exact outside the mask (in latent space)
+
+
+class ImageCFG(nn.Module):
+    """instruct-pix2pix's guidance around a guided denoiser: one batch of three (text and image,
+    image alone, neither), each through `model` unguided (uncond=None). `image_scale` < 1 or a
+    text scale <= 1: one unguided pass with the image, as diffusers does."""
+
+    def __init__(self, model: nn.Module, scale: float, image_scale: float):
+        super().__init__()
+        if isinstance(model, ScheduledCFG):
+            raise ValueError("prompt editing, alternation and AND are not supported with instruct-pix2pix models")
+        self.model, self.scale, self.image_scale = model, scale, image_scale
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, uncond: Condition | None = None):
+        if self.scale <= 1 or self.image_scale < 1 or uncond is None:
+            return self.model(x, sigma, cond)
+        neither = Condition(uncond.crossattn, uncond.vector, torch.zeros_like(uncond.concat))
+        x0_text, x0_image, x0_none = self.model(torch.cat([x] * 3), torch.cat([sigma] * 3),
+                                                cond.cat(uncond).cat(neither)).chunk(3)
+        return x0_none + self.image_scale * (x0_image - x0_none) + self.scale * (x0_text - x0_image)
+
+
+def _start(pipe, image: torch.Tensor, params: GenerationParams, strength: float, generator: torch.Generator):
+    """(init latents or None, grid start, noise source, noise): strength 1 starts from pure noise
+    (diffusers' pix2pix); below 1 from the image's noised latents (A1111's img2img with it)."""
+    if strength >= 1:
+        source, noise = pipe._noise(params, pipe.latent_shape(params), generator)
+        return None, 0, source, noise
+    init = pipe.encode_image(image, generator, params.batch_size)
+    source, noise = pipe._noise(params, init.shape, generator)
+    return init, img2img_start(params.steps, strength), source, noise
+
+
+@torch.no_grad()
+def edit_latents(pipe, image: torch.Tensor, params: GenerationParams, strength: float = 1.0,
+                 image_cfg_scale: float = 1.5, callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+    """instruct-pix2pix: edit `image` ((1, 3, H, W) in [-1, 1]) as the prompt says."""
+    validate(params, pipe.vae.downscale)
+    generator = torch.Generator("cpu").manual_seed(params.seed)
+    source_latents = pipe.vae.encode(image.to(pipe.device)).mean.repeat(params.batch_size, 1, 1, 1)
+    init, start, source, noise = _start(pipe, image, params, strength, generator)
+    return pipe._sample(params, source, noise, callback, progress, init=init, start=start, concat=source_latents,
+                        wrap=lambda model: ImageCFG(model, params.cfg_scale, image_cfg_scale))
+
+
+def depth_condition(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A depth map (1 or B, H, W), any range (larger = nearer, as MiDaS gives it) -> (1 or B, 1, h, w)
+    at latent size in [-1, 1] (bicubic, then each map's min and max to -1 and 1)."""
+    d = F.interpolate(depth.float()[:, None], size=size, mode="bicubic", align_corners=False)
+    lo, hi = d.amin(dim=(1, 2, 3), keepdim=True), d.amax(dim=(1, 2, 3), keepdim=True)
+    return 2.0 * (d - lo) / (hi - lo).clamp_min(1e-12) - 1.0
+
+
+@torch.no_grad()
+def depth_latents(pipe, image: torch.Tensor, depth: torch.Tensor, params: GenerationParams, strength: float = 0.8,
+                  callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+    """Depth-to-image: img2img of `image` ((1, 3, H, W) in [-1, 1]) that keeps the shapes of
+    `depth` ((1, H', W'))."""
+    validate(params, pipe.vae.downscale)
+    generator = torch.Generator("cpu").manual_seed(params.seed)
+    init = pipe.encode_image(image, generator, params.batch_size)
+    source, noise = pipe._noise(params, init.shape, generator)
+    d = depth_condition(depth.to(pipe.device), init.shape[-2:])
+    concat = d.repeat(params.batch_size // d.shape[0], 1, 1, 1)
+    return pipe._sample(params, source, noise, callback, progress, init=init,
+                        start=img2img_start(params.steps, strength), concat=concat)
+
+
+def depth_tensor(depth) -> torch.Tensor:
+    """A depth map given as a PIL image (any mode: "L", "I", "F") or an (H, W) / (1, H, W) tensor -> (1, H, W)."""
+    if isinstance(depth, torch.Tensor):
+        return depth.float() if depth.dim() == 3 else depth.float()[None]
+    import numpy as np
+
+    image = depth.convert("F") if depth.mode not in ("F", "I") else depth
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None]
+
+
+def check_inputs(cfg, request) -> None:
+    """Refuse a request without the images its model's kind needs (or with ones it cannot use)."""
+    from sdtorch.generate.request import RequestError
+
+    kind = concat_kind(cfg)
+    if kind in ("instruct-pix2pix", "depth") and request.init_image is None:
+        what = "edits an image" if kind == "instruct-pix2pix" else "transforms an image along a depth map"
+        raise RequestError("init_image", f"this {kind} model {what}: give an init image (img2img)")
+    if kind in ("instruct-pix2pix", "depth") and request.mask is not None:
+        raise RequestError("mask", f"a {kind} model does not inpaint (no mask)")
+    if kind == "depth" and request.depth_map is None:
+        raise RequestError("depth_map", "this depth-to-image model needs a depth map (depth_map, --depth MAP.png): "
+                                        "no depth estimator weights are available here to make one from the image")
+    if kind != "depth" and request.depth_map is not None:
+        raise RequestError("depth_map", "a depth map is for depth-to-image models (5-channel UNets); this model "
+                                        f"is {kind or 'a plain text-to-image model'}")

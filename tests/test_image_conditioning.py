@@ -1,0 +1,156 @@
+"""Image-conditioned UNets beyond inpainting: instruct-pix2pix (8 channels) and depth-to-image (5),
+against diffusers' StableDiffusionInstructPix2PixPipeline and StableDiffusionDepth2ImgPipeline on
+the same random weights, and the requests they refuse."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import _reference
+from PIL import Image
+from safetensors.torch import save_file
+from reference_models import reference_scheduler
+from test_img2img import params, picture, rel_err, square_mask
+
+import sdtorch
+from sdtorch.config import TINY
+from sdtorch.formats import checkpoint
+from sdtorch.formats.files import read_state_dict
+from sdtorch.families import describe
+from sdtorch.generate.concat import depth_latents, edit_latents
+from sdtorch.generate.images import image_tensor
+from sdtorch.generate.request import GenerationRequest, RequestError
+
+SAMPLERS = ["euler", "euler_a", "ddim", "dpmpp_2m"]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def depth_map() -> torch.Tensor:
+    """(1, H, W): a slanted plane with a nearer disc, in MiDaS-like units (larger = nearer)."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    disc = ((x - 0.4) ** 2 + (y - 0.5) ** 2 < 0.06).float()
+    return (3 + 5 * y + 10 * disc)[None]
+
+
+@pytest.fixture(scope="module")
+def pix2pix(tmp_path_factory):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    cfg = replace(TINY, name="tiny-pix2pix", unet=replace(TINY.unet, in_channels=8))
+    gen = _reference(tmp_path_factory, cfg, seed=31)
+    ref = next(gen)
+    assert checkpoint.read(ref.checkpoint).config.unet.in_channels == 8  # detected from the keys
+    theirs = StableDiffusionInstructPix2PixPipeline.from_pretrained(ref.folder, local_files_only=True,
+                                                                    safety_checker=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    yield sdtorch.load(ref.checkpoint, config=ref.preset), theirs
+    next(gen, None)
+
+
+@pytest.fixture(scope="module")
+def depth(tmp_path_factory):
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    cfg = replace(TINY, name="tiny-depth", unet=replace(TINY.unet, in_channels=5))
+    gen = _reference(tmp_path_factory, cfg, seed=32)
+    ref = next(gen)
+    sd, _ = read_state_dict(ref.checkpoint)  # real depth files also carry the MiDaS estimator: read past it
+    with_estimator = ref.checkpoint.with_name("with_midas.safetensors")
+    save_file({**sd, "depth_model.model.pretrained.model.cls_token": torch.zeros(1, 1, 8)}, str(with_estimator))
+    assert checkpoint.read(with_estimator).config.unet.in_channels == 5
+    theirs = StableDiffusionDepth2ImgPipeline.from_pretrained(ref.folder, local_files_only=True, depth_estimator=None,
+                                                              feature_extractor=None)
+    theirs.set_progress_bar_config(disable=True)
+    yield sdtorch.load(ref.checkpoint, config=ref.preset), theirs
+    next(gen, None)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("image_cfg", [1.5, 0.5])
+@torch.no_grad()
+def test_instruct_pix2pix_matches_diffusers(pix2pix, sampler, image_cfg, parity_log):
+    ours, theirs = pix2pix
+    assert describe(ours.config).endswith("instruct-pix2pix")  # detected from the 8-channel UNet
+    theirs.scheduler = reference_scheduler(sampler, theirs.scheduler.config)
+    p = params(sampler)
+    a = edit_latents(ours, image_tensor(picture()), p, 1.0, image_cfg)
+    b = theirs(p.prompt, image=picture(), negative_prompt=p.negative_prompt, num_inference_steps=p.steps,
+               guidance_scale=p.cfg_scale, image_guidance_scale=image_cfg, num_images_per_prompt=2,
+               generator=torch.Generator("cpu").manual_seed(p.seed), output_type="latent").images
+    assert parity_log("tiny instruct-pix2pix latents rel_err", rel_err(a, b)) <= 1e-4
+    images = ours.decode(a)
+    ref = (theirs.vae.decode(b / theirs.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert parity_log("tiny instruct-pix2pix image PSNR", psnr(images, ref), worst=min) >= 45
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("strength", [0.8, 1.0])
+@torch.no_grad()
+def test_depth_to_image_matches_diffusers(depth, sampler, strength, parity_log):
+    ours, theirs = depth
+    assert describe(ours.config).endswith("depth")
+    theirs.scheduler = reference_scheduler(sampler, theirs.scheduler.config)
+    p = params(sampler)
+    a = depth_latents(ours, image_tensor(picture()), depth_map(), p, strength)
+    b = theirs(p.prompt, image=picture(), depth_map=depth_map(), strength=strength, negative_prompt=p.negative_prompt,
+               num_inference_steps=p.steps, guidance_scale=p.cfg_scale, num_images_per_prompt=2,
+               generator=torch.Generator("cpu").manual_seed(p.seed), output_type="latent").images
+    assert parity_log("tiny depth2img latents rel_err", rel_err(a, b)) <= 1e-4
+    images = ours.decode(a)
+    ref = (theirs.vae.decode(b / theirs.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert parity_log("tiny depth2img image PSNR", psnr(images, ref), worst=min) >= 45
+
+
+def test_requests_and_what_they_refuse(pix2pix, depth):
+    (edit, _), (deep, _) = pix2pix, depth
+    common = dict(steps=3, sampler="euler", scheduler="automatic", seed=4, width=64, height=64)
+    one = edit.run(GenerationRequest("make it blue", init_image=picture(), strength=1.0, image_cfg_scale=1.2, **common))
+    assert "Image CFG scale: 1.2" in one.infotexts[0]
+    two = edit.run(GenerationRequest("make it blue", init_image=picture(), strength=1.0, image_cfg_scale=2.0, **common))
+    assert np.abs(np.asarray(one.images[0], np.int16) - np.asarray(two.images[0], np.int16)).max() > 0
+    grey = Image.fromarray((depth_map()[0] * 10).numpy().astype(np.uint8))  # a depth map as a picture
+    from_image = deep.run(GenerationRequest("a room", init_image=picture(), depth_map=grey, **common))
+    assert from_image.images[0].size == (64, 64)
+
+    with pytest.raises(RequestError, match="give an init image"):
+        edit.run(GenerationRequest("make it blue", **common))
+    with pytest.raises(RequestError, match="no depth estimator"):
+        deep.run(GenerationRequest("a room", init_image=picture(), **common))
+    with pytest.raises(RequestError, match="give an init image"):
+        deep.run(GenerationRequest("a room", **common))
+    with pytest.raises(RequestError, match="does not inpaint"):
+        deep.run(GenerationRequest("a room", init_image=picture(), mask=square_mask(), depth_map=grey, **common))
+    with pytest.raises(RequestError, match="depth-to-image models"):
+        edit.run(GenerationRequest("a room", init_image=picture(), depth_map=grey, **common))
+    with pytest.raises(RequestError, match="depth_map must be"):
+        GenerationRequest("a room", init_image=picture(), depth_map="depth.png").validate()
+    with pytest.raises(ValueError, match="not supported with instruct-pix2pix"):
+        edit.run(GenerationRequest("[a cat:a dog:2]", init_image=picture(), strength=1.0, **common))
+
+
+def test_command_line_edit_and_depth(pix2pix, depth, tmp_path, capsys):
+    from sdtorch.cli import main
+
+    picture().save(tmp_path / "in.png")
+    Image.fromarray((depth_map()[0] * 10).numpy().astype(np.uint8)).save(tmp_path / "depth.png")
+    files = {}
+    for name, (pipe, _) in (("edit", pix2pix), ("depth", depth)):
+        files[name] = checkpoint.save(tmp_path / f"{name}.safetensors", pipe.unet, pipe.vae, pipe.clip, pipe.config)
+    common = ["--steps", "3", "--seed", "2", "--sampler", "euler"]
+    assert main(["img2img", str(tmp_path / "in.png"), "make it blue", "-c", str(files["edit"]), "--strength", "1",
+                 "--image-cfg", "1.3", *common, "--out", str(tmp_path / "a")]) == 0
+    out, = (tmp_path / "a").glob("*.png")
+    assert "Image CFG scale: 1.3" in Image.open(out).info["parameters"]
+    assert main(["img2img", str(tmp_path / "in.png"), "a room", "-c", str(files["depth"]), "--depth",
+                 str(tmp_path / "depth.png"), *common, "--out", str(tmp_path / "b")]) == 0
+    assert len(list((tmp_path / "b").glob("*.png"))) == 1
+    assert main(["img2img", str(tmp_path / "in.png"), "a room", "-c", str(files["depth"]), *common]) == 2  # no map
+    assert "no depth estimator weights" in capsys.readouterr().err
