@@ -56,6 +56,16 @@ class UNetConfig:
     # Width of the added vector embedding `label_emb` (SGM's `adm_in_channels`, `num_classes:
     # sequential`): SDXL's pooled text + Fourier features of its size conditions; 0 = none.
     adm_in_channels: int = 0
+    # A class-label embedding `label_emb` (nn.Embedding, LDM's integer `num_classes`): the x4
+    # upscaler's noise level 0..num_classes-1; 0 = none.
+    num_classes: int = 0
+    # Per level: attn1 attends to the context instead of the pixels (LDM's disable_self_attentions,
+    # diffusers' only_cross_attention; the x4 upscaler's: True, True, True, False); () = none.
+    disable_self_attentions: tuple[bool, ...] = ()
+
+    def cross_only(self, level: int) -> bool:
+        """Whether attn1 at `level` (-1: the middle block, which keeps self-attention) attends to the context."""
+        return level >= 0 and bool(self.disable_self_attentions) and self.disable_self_attentions[level]
 
     def depth(self, level: int) -> int:
         """Transformer blocks per attention layer at `level` (-1: the middle block)."""
@@ -153,6 +163,18 @@ SD21 = ModelConfig(  # 768x768 v-prediction (stable-diffusion-2-1)
 )
 SD21_BASE = ModelConfig(  # 512x512 eps-prediction (stable-diffusion-2-1-base)
     name="sd21-base", clip=SD21_CLIP, unet=SD21_UNET, clip_layout="openclip"
+)
+SD_X4_UPSCALER = ModelConfig(  # stable-diffusion-x4-upscaler (Stability's x4-upscaling.yaml)
+    name="sd-x4-upscaler",
+    clip=SD21_CLIP,
+    unet=UNetConfig(in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), attention_resolutions=(8, 4, 2),
+                    num_heads=8, context_dim=1024, use_linear_in_transformer=True, num_classes=1000,
+                    disable_self_attentions=(True, True, True, False)),
+    vae=VAEConfig(ch_mult=(1, 2, 4), scaling_factor=0.08333),
+    schedule=ScheduleConfig(beta_start=0.0001, beta_end=0.02),
+    prediction="v",
+    clip_layout="openclip",
+    sample_size=512,
 )
 
 # A model small enough for unit tests: every architectural feature, seconds per run.

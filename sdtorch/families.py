@@ -99,7 +99,16 @@ def text_configs(cfg: ModelConfig) -> list:
 # UNet input channels -> the image conditioning the UNet takes beside its latents.
 # 9 = latents + mask + masked-image latents; 8 = latents + the source image's latents (instruct-pix2pix);
 # 5 = latents + a depth map (SD 2 depth-to-image). What each takes: `sdtorch.generate.concat`.
-CONCAT: dict[int, str] = {4: "", 9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}
+# 7 = latents + the low-resolution image (the SD x4 upscaler, whose UNet also takes the noise level as a class).
+CONCAT: dict[int, str] = {4: "", 9: "inpainting", 8: "instruct-pix2pix", 5: "depth", 7: "x4-upscaler"}
+
+# What a kind's single files cannot tell from their keys (the x4 upscaler: Stability's
+# x4-upscaling.yaml: 8 heads, linear betas 1e-4..0.02 on the scaled_linear curve, v-prediction,
+# latent scale 0.08333, 128-pixel inputs made 512); detection fills these in.
+KIND_FACTS: dict[str, dict] = {
+    "x4-upscaler": {"num_heads": 8, "beta_start": 0.0001, "beta_end": 0.02, "prediction": "v", "latent_scale": 0.08333,
+                    "sample_size": 512},
+}
 
 
 def concat_kind(cfg: ModelConfig) -> str:
@@ -114,7 +123,8 @@ def describe(cfg: ModelConfig) -> str:
     """A one-line name for what a config is: 'SD 1.x', 'SD 2.x inpainting', 'custom (emoji)'."""
     family = family_of(cfg)
     label = family.label
-    if cfg.unet.context_dim != family.context_dim or cfg.unet.model_channels != family.model_channels:
-        label = f"custom ({cfg.name})"
     kind = concat_kind(cfg)
+    other_width = cfg.unet.model_channels != family.model_channels and kind not in KIND_FACTS
+    if cfg.unet.context_dim != family.context_dim or other_width:
+        label = f"custom ({cfg.name})"
     return f"{label} {kind}".strip()

@@ -21,7 +21,7 @@ from sdtorch.config import TINY
 from sdtorch.formats import checkpoint
 from sdtorch.formats.files import read_state_dict
 from sdtorch.families import describe
-from sdtorch.generate.concat import depth_latents, edit_latents
+from sdtorch.generate.concat import depth_latents, edit_latents, upscale_latents
 from sdtorch.generate.images import image_tensor
 from sdtorch.generate.request import GenerationRequest, RequestError
 
@@ -154,3 +154,116 @@ def test_command_line_edit_and_depth(pix2pix, depth, tmp_path, capsys):
     assert len(list((tmp_path / "b").glob("*.png"))) == 1
     assert main(["img2img", str(tmp_path / "in.png"), "a room", "-c", str(files["depth"]), *common]) == 2  # no map
     assert "no depth estimator weights" in capsys.readouterr().err
+
+
+# --- the SD x4 upscaler ------------------------------------------------------------------------
+
+# Shaped like stabilityai/stable-diffusion-x4-upscaler in miniature: 7 input channels, the noise
+# level as one of 1000 classes, attn1 cross-attending on all but the deepest level, fixed head
+# count, linear projections, OpenCLIP-layout text encoder, a 3-level VAE (4x) with scale 0.08333,
+# v-prediction on betas 1e-4..0.02.
+TINY_X4 = replace(
+    TINY, name="tiny-x4", clip_layout="openclip", prediction="v",
+    clip=replace(TINY.clip, layers=3, act="gelu", pad_token_id=0, clip_skip=2),
+    unet=replace(TINY.unet, in_channels=7, channel_mult=(1, 2, 2), attention_resolutions=(4, 2),
+                 use_linear_in_transformer=True, num_classes=1000, disable_self_attentions=(True, True, False)),
+    vae=replace(TINY.vae, ch_mult=(1, 2, 2), scaling_factor=0.08333),
+    schedule=replace(TINY.schedule, beta_start=0.0001, beta_end=0.02),
+)
+
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    gen = _reference(tmp_path_factory, TINY_X4, seed=33)
+    ref = next(gen)
+    f = ref.folder
+    theirs = StableDiffusionUpscalePipeline(
+        vae=AutoencoderKL.from_pretrained(f / "vae"), text_encoder=CLIPTextModel.from_pretrained(f / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(f / "tokenizer"), unet=UNet2DConditionModel.from_pretrained(f / "unet"),
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
+        scheduler=DDPMScheduler.from_pretrained(f / "scheduler"), max_noise_level=350)
+    theirs.set_progress_bar_config(disable=True)
+    yield sdtorch.load(ref.checkpoint, config=TINY_X4), theirs, ref
+    next(gen, None)
+
+
+def low_res() -> Image.Image:
+    return picture(16)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("noise_level", [20, 100])
+@torch.no_grad()
+def test_x4_upscaler_matches_diffusers(upscaler, sampler, noise_level, parity_log):
+    ours, theirs, _ = upscaler
+    theirs.scheduler = reference_scheduler(sampler, theirs.scheduler.config)
+    p = replace(params(sampler), width=64, height=64)
+    a = upscale_latents(ours, image_tensor(low_res()), p, noise_level)
+    b = theirs(p.prompt, image=low_res(), negative_prompt=p.negative_prompt, num_inference_steps=p.steps,
+               guidance_scale=p.cfg_scale, noise_level=noise_level, num_images_per_prompt=2,
+               generator=torch.Generator("cpu").manual_seed(p.seed), output_type="latent").images
+    assert a.shape == (2, 4, 16, 16)
+    assert parity_log("tiny x4 upscaler latents rel_err", rel_err(a, b)) <= 1e-4
+    images = ours.decode(a)
+    ref = (theirs.vae.decode(b / theirs.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert images.shape[-2:] == (64, 64)
+    assert parity_log("tiny x4 upscaler image PSNR", psnr(images, ref), worst=min) >= 45
+
+
+def test_x4_upscaler_file_is_detected_and_requested(upscaler):
+    ours, _, ref = upscaler
+    detected = checkpoint.read(ref.checkpoint).config
+    u = detected.unet
+    # level 0 has no attention, so its flag means nothing and a file cannot tell it
+    assert (u.in_channels, u.num_classes, u.disable_self_attentions[1:]) == (7, 1000, (True, False))
+    assert detected.prediction == "v" and detected.vae.scaling_factor == 0.08333
+    assert (detected.schedule.beta_start, detected.schedule.beta_end) == (0.0001, 0.02)
+    assert describe(detected) == "custom (tiny-x4) x4-upscaler"
+    real = replace(detected, unet=replace(u, context_dim=1024, model_channels=256))  # the real one's widths
+    assert describe(real) == "SD 2.x x4-upscaler"
+    common = dict(steps=3, sampler="euler", scheduler="automatic", seed=4)
+    out = ours.run(GenerationRequest("a photo", init_image=low_res(), noise_level=30, **common))
+    assert out.images[0].size == (64, 64) and "Noise level: 30" in out.infotexts[0] and "Size: 64x64" in out.infotexts[0]
+    with pytest.raises(RequestError, match="upscales an image"):
+        ours.run(GenerationRequest("a photo", **common))
+    with pytest.raises(RequestError, match="noise_level"):
+        GenerationRequest("a photo", init_image=low_res(), noise_level=400).validate()
+
+
+def test_real_x4_upscaler_architecture_is_detected_from_its_keys():
+    """The real upscaler's UNet and VAE built by diffusers from our config (on the meta device: shapes
+    only), renamed to the original layout: detection gives the config back, and diffusers' own
+    single-file code recognises the keys as the upscaler's."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from sdtorch.config import SD_X4_UPSCALER as X4
+    from sdtorch.formats import diffusers as convert
+    from sdtorch.formats.diffusers_config import diffusers_configs
+
+    cfgs = diffusers_configs(X4)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**cfgs["unet"]), AutoencoderKL(**cfgs["vae"])
+    unet_sd = convert.unet_from_diffusers(unet.state_dict(), X4.unet)
+    detected = checkpoint.detect_unet(unet_sd)
+    assert replace(detected, disable_self_attentions=X4.unet.disable_self_attentions) == X4.unet
+    assert detected.disable_self_attentions[1:] == (True, True, False)  # level 0 has no attention to tell
+    assert checkpoint.detect_vae(convert.vae_from_diffusers(vae.state_dict(), X4.vae)).ch_mult == (1, 2, 4)
+    keys = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
+    assert infer_diffusers_model_type(keys) == "upscale"
+
+
+def test_command_line_upscale(upscaler, tmp_path):
+    from sdtorch.cli import main
+
+    ours, _, _ = upscaler
+    path = checkpoint.save(tmp_path / "x4.safetensors", ours.unet, ours.vae, ours.clip, ours.config)
+    low_res().save(tmp_path / "small.png")
+    assert main(["upscale", str(tmp_path / "small.png"), "a photo", "-c", str(path), "--steps", "3", "--seed", "1",
+                 "--noise-level", "40", "--out", str(tmp_path / "out")]) == 0
+    out, = (tmp_path / "out").glob("*.png")
+    image = Image.open(out)
+    assert image.size == (64, 64) and "Noise level: 40" in image.info["parameters"]

@@ -1,4 +1,4 @@
-"""Command line: `sdtorch generate | img2img | inpaint | info | dataset | train`.
+"""Command line: `sdtorch generate | img2img | inpaint | upscale | info | dataset | train`.
 
 Bad input ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(i2i)
     _prompt_options(i2i)
 
+    up = sub.add_parser("upscale", help="4x larger with the SD x4 upscaler (-c x4-upscaler-ema.safetensors)")
+    up.add_argument("image", help="the low-resolution image (its size, rounded down to a multiple of 8)")
+    up.add_argument("prompt", nargs="?", default="", help="what the image shows (guides the detail)")
+    up.add_argument("--noise-level", type=int, default=20, metavar="N",
+                    help="noise added to the input, 0..350 (more: more invented detail; default 20)")
+    _common(up)
+    _prompt_options(up)
+
     inp = sub.add_parser("inpaint", help="repaint the white part of a mask, or extend the canvas")
     inp.add_argument("image")
     inp.add_argument("prompt")
@@ -249,7 +257,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.command == "generate" and args.process:
         images, frames, sigmas = inspect.process(pipe, args.prompt, args.negative, width=size[0], height=size[1], **options)
         print(save_process(frames, sigmas, args.process))
-    elif args.command in ("generate", "img2img", "inpaint"):
+    elif args.command in ("generate", "img2img", "inpaint", "upscale"):
         images = pipe.run(_request(args, seed), on_step=progress_bar()).images
     elif args.command == "attention":
         images, maps, labels = inspect.attention(pipe, args.prompt, args.negative, width=size[0], height=size[1], **options)
@@ -292,24 +300,11 @@ def progress_bar():
 
 
 def _request(args: argparse.Namespace, seed: int):
-    """The `GenerationRequest` of a generate / img2img / inpaint command line."""
+    """The `GenerationRequest` of a generate / img2img / inpaint / upscale command line."""
+    from sdtorch.cli.inputs import condition, depth, images
     from sdtorch.generate import GenerationRequest
-    from sdtorch.generate.images import extend_canvas, open_image
 
-    init = mask = None
-    if args.command != "generate":
-        init = open_image(args.image)
-    if args.command == "inpaint":
-        if bool(args.mask) == bool(args.extend):
-            raise ValueError("inpaint needs exactly one of --mask (inpainting) or --extend (outpainting)")
-        if args.mask:
-            mask = open_image(args.mask, "L")
-        else:
-            try:
-                left, right, top, bottom = (int(v) for v in args.extend.split(","))
-            except ValueError:
-                raise ValueError(f"--extend takes four integers L,R,T,B, got {args.extend!r}") from None
-            init, mask = extend_canvas(init, left=left, right=right, top=top, bottom=bottom)
+    init, mask = images(args)
     return GenerationRequest(
         args.prompt, args.negative, args.steps, args.sampler, args.scheduler, args.cfg, seed,
         getattr(args, "width", None), getattr(args, "height", None), args.batch, args.eta, args.clip_skip,
@@ -318,27 +313,11 @@ def _request(args: argparse.Namespace, seed: int):
         deep_cache_branch=args.deep_cache_branch, tile_vae=args.tile_vae, attention_chunk=args.attention_chunk,
         seed_mode=args.seed_mode, subseed=-1 if args.subseed is None else args.subseed,
         subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
-        hires=_hires(args), condition=_condition(getattr(args, "condition", None)),
+        hires=_hires(args), condition=condition(getattr(args, "condition", None)),
         refiner=getattr(args, "refiner_pipe", None), refiner_switch_at=args.refiner_switch_at,
         controls=getattr(args, "control_units", ()), image_cfg_scale=getattr(args, "image_cfg", 1.5),
-        depth_map=_depth(getattr(args, "depth", None)),
+        depth_map=depth(getattr(args, "depth", None)), noise_level=getattr(args, "noise_level", 20),
     ).validate()
-
-
-def _depth(path: str | None):
-    """A depth map from an image file (its grey levels, 8 or 16 bits) or a .npy / .pt / .safetensors tensor."""
-    from sdtorch.generate.images import open_image
-
-    if path is None:
-        return None
-    return _condition(path) if path.endswith((".npy", ".pt", ".safetensors")) else open_image(path, "F")
-
-
-def _condition(path: str | None):
-    """A condition encoder's input from a .npy / .pt / .safetensors file (its single tensor)."""
-    from sdtorch.formats.files import read_tensor
-
-    return None if path is None else read_tensor(path).float()
 
 
 def _hires(args: argparse.Namespace):
@@ -391,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         from sdtorch.training.data import cmd_dataset
 
         commands = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "attention": cmd_generate,
-                    "edit": cmd_generate,
+                    "edit": cmd_generate, "upscale": cmd_generate,
                     "info": cmd_info, "dataset": cmd_dataset, "train": cmd_train, "serve": _serve,
                     "worker": _worker}
         return commands[args.command](args)

@@ -16,8 +16,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdtorch.config import ClipConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
-from sdtorch.families import FAMILIES, MICRO_VALUES, PREFIXES, Family, TextSlot, concat_kind, family_by_layout, family_of
+from sdtorch.config import ClipConfig, ModelConfig, Prediction, ScheduleConfig, UNetConfig, VAEConfig
+from sdtorch.families import (
+    CONCAT,
+    FAMILIES,
+    KIND_FACTS,
+    MICRO_VALUES,
+    PREFIXES,
+    Family,
+    TextSlot,
+    concat_kind,
+    family_by_layout,
+    family_of,
+)
 from sdtorch.formats import diffusers as convert
 from sdtorch.formats.atomic import save_safetensors
 from sdtorch.formats.files import SUFFIXES, CheckpointError, read_state_dict  # noqa: F401  (re-exported)
@@ -118,6 +129,8 @@ def detect_unet(sd: dict[str, torch.Tensor], out_channels: int | None = None) ->
     proj = sd["middle_block.1.proj_in.weight"]
     context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     sd2 = proj.ndim == 2 or context_dim == 1024
+    facts = KIND_FACTS.get(CONCAT.get(first.shape[1], ""), {})
+    heads = (facts["num_heads"], -1) if "num_heads" in facts else (-1, 64) if sd2 else (8, -1)
     return UNetConfig(
         in_channels=first.shape[1],
         out_channels=out_channels or sd["out.2.weight"].shape[0],
@@ -125,13 +138,25 @@ def detect_unet(sd: dict[str, torch.Tensor], out_channels: int | None = None) ->
         channel_mult=tuple(mults),
         num_res_blocks=res_per_level[0],
         attention_resolutions=tuple(sorted(attn, reverse=True)),  # as the YAML configs list them
-        num_heads=-1 if sd2 else 8,
-        num_head_channels=64 if sd2 else -1,
+        num_heads=heads[0],
+        num_head_channels=heads[1],
         transformer_depth=depths,
         context_dim=context_dim,
         use_linear_in_transformer=proj.ndim == 2,
         adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
+        num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else 0,
+        disable_self_attentions=_cross_only(sd, len(mults), res_per_level[0], context_dim),
     )
+
+
+def _cross_only(sd: dict, levels: int, per_level: int, context_dim: int) -> tuple[bool, ...]:
+    """Per level, whether attn1 attends to the context (its keys are context-wide, not pixel-wide)."""
+    def cross(level: int) -> bool:
+        key = f"input_blocks.{1 + level * (per_level + 1)}.1.transformer_blocks.0.attn1.to_k.weight"
+        return key in sd and sd[key].shape[1] == context_dim != sd[key].shape[0]
+
+    found = tuple(cross(level) for level in range(levels))
+    return found if any(found) else ()
 
 
 def _level_depths(sd: dict, levels: int, per_level: int) -> int | tuple[int, ...]:
@@ -188,8 +213,11 @@ def detect_clip(sd: dict[str, torch.Tensor], slot: TextSlot | str) -> ClipConfig
 
 
 def guess_prediction(unet_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[Prediction, str]:
-    """Keys cannot tell eps from v; guess as ComfyUI does for SD2 (v-models' last transformer
-    norm bias has a wide spread) and assume eps otherwise."""
+    """Keys cannot tell eps from v; a kind's known prediction (`KIND_FACTS`), else guess as ComfyUI
+    does for SD2 (v-models' last transformer norm bias has a wide spread) and assume eps otherwise."""
+    kind = concat_kind(cfg)
+    if "prediction" in KIND_FACTS.get(kind, {}):
+        return KIND_FACTS[kind]["prediction"], f"the {kind}'s"
     family = family_of(cfg)
     key = family.v_hint
     if key is None:
@@ -230,7 +258,8 @@ def read(
         config, source = replace(config, prediction="v"), "marker key"
     elif not source:
         pred, source = guess_prediction(unet, config)
-        config = replace(config, prediction=pred, sample_size=768 if pred == "v" else config.sample_size)
+        v_sd2 = pred == "v" and not concat_kind(config)  # SD 2's v-models are the 768 ones
+        config = replace(config, prediction=pred, sample_size=768 if v_sd2 else config.sample_size)
     dtype = next(iter(unet.values())).dtype
     clip2 = texts[1] if len(texts) > 1 else {}
     return Checkpoint(config, unet, vae, texts[0], dtype, source, path, encoder, encoder_spec, clip2)
@@ -261,14 +290,17 @@ def _detect(unet: dict, vae: dict, texts: list[dict], family: Family, path: Path
                 raise CheckpointError(f"{path}: a UNet vector of {unet_cfg.adm_in_channels} does not fit "
                                       f"{family.label}'s pooled text ({pooled}) and conditions {micro}")
             micro_dim = (unet_cfg.adm_in_channels - pooled) // values
+        facts = KIND_FACTS.get(CONCAT.get(unet_cfg.in_channels, ""), {})
+        schedule = {k: facts[k] for k in ("beta_start", "beta_end") if k in facts}
         return ModelConfig(
             name=path.stem,
             clip=clips[0],
             clip2=clips[1] if len(clips) > 1 else None,
             unet=unet_cfg,
-            vae=detect_vae(vae, family.latent_scale),
+            vae=detect_vae(vae, facts.get("latent_scale", family.latent_scale)),
+            schedule=ScheduleConfig(**schedule),
             clip_layout=family.layout,  # type: ignore[arg-type]
-            sample_size=1024 if family.micro else 512,
+            sample_size=facts.get("sample_size", 1024 if family.micro else 512),
             micro=micro,
             micro_dim=micro_dim,
         )

@@ -89,6 +89,8 @@ def unet_table(cfg: UNetConfig) -> dict[str, str]:
     }
     if cfg.adm_in_channels:  # SDXL's vector embedding
         table |= {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+    if cfg.num_classes:  # class labels (the x4 upscaler's noise level)
+        table["label_emb"] = "class_embedding"
     resnets = [("middle_block.0", "mid_block.resnets.0"), ("middle_block.2", "mid_block.resnets.1")]
     for level in range(levels):
         for j in range(n):

@@ -62,6 +62,10 @@ def _unet_config(d: dict) -> UNetConfig:
             raise ValueError("reverse_transformer_layers_per_block is not supported")
     if d.get("addition_embed_type") not in (None, "text_time"):
         raise ValueError(f"addition_embed_type {d['addition_embed_type']!r} is not supported")
+    if d.get("class_embed_type") is not None:
+        raise ValueError(f"class_embed_type {d['class_embed_type']!r} is not supported (only num_class_embeds)")
+    cross_only = d.get("only_cross_attention", False)
+    cross_only = tuple(cross_only) if isinstance(cross_only, (list, tuple)) else (True,) * len(down) if cross_only else ()
     # diffusers' `attention_head_dim` is the head COUNT (a misnomer diffusers keeps for old configs).
     # Its SD2 conversion writes per-block counts, channels // 64: that is a fixed head width.
     heads = d.get("num_attention_heads") or d["attention_head_dim"]
@@ -73,7 +77,8 @@ def _unet_config(d: dict) -> UNetConfig:
         num_heads, num_head_channels = -1, widths.pop()
     model_channels, channel_mult = _channels(channels)
     attention = tuple(2**i for i, t in reversed(list(enumerate(down))) if t.startswith("CrossAttn"))
-    fields = _fields(d, _UNET_FIELDS) | {"transformer_depth": depth}
+    fields = _fields(d, _UNET_FIELDS) | {"transformer_depth": depth, "num_classes": d.get("num_class_embeds") or 0,
+                                         "disable_self_attentions": cross_only if any(cross_only) else ()}
     return UNetConfig(
         **fields,
         adm_in_channels=d.get("projection_class_embeddings_input_dim") or 0 if d.get("addition_embed_type") else 0,
@@ -184,6 +189,10 @@ def diffusers_configs(cfg: ModelConfig) -> dict:
     if u.adm_in_channels:
         unet |= {"addition_embed_type": "text_time", "addition_time_embed_dim": cfg.micro_dim,
                  "projection_class_embeddings_input_dim": u.adm_in_channels}
+    if u.num_classes:
+        unet["num_class_embeds"] = u.num_classes
+    if u.disable_self_attentions:
+        unet["only_cross_attention"] = list(u.disable_self_attentions)
     unet |= {
         "sample_size": cfg.sample_size // 2 ** (len(v.ch_mult) - 1),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],

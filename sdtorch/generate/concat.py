@@ -10,21 +10,27 @@
 - depth (5; SD 2 depth-to-image): a depth map at latent size, scaled to [-1, 1] (diffusers'
   StableDiffusionDepth2ImgPipeline with a given depth_map). Depth estimators need downloaded
   weights, which this package does not have: the depth map is the caller's.
+- x4-upscaler (7; the SD x4 upscaler): the low-resolution image itself at latent size, noised to
+  `noise_level` on its own DDPM schedule, that level also given to the UNet as a class label;
+  its VAE decodes 4x larger (diffusers' StableDiffusionUpscalePipeline).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtorch.config import ScheduleConfig
 from sdtorch.families import concat_kind
 from sdtorch.generate.images import img2img_start
 from sdtorch.generate.params import GenerationParams, validate
 from sdtorch.models.condition import Condition
 from sdtorch.sampling.denoisers import MaskBlend, ScheduledCFG
+from sdtorch.sampling.schedule import alphas_cumprod
 
 
 @torch.no_grad()
@@ -115,6 +121,42 @@ def depth_latents(pipe, image: torch.Tensor, depth: torch.Tensor, params: Genera
                         start=img2img_start(params.steps, strength), concat=concat)
 
 
+# The x4 upscaler's noise augmentation of its input (its `low_res_scheduler`; levels above 350 untrained).
+LOW_RES_SCHEDULE = ScheduleConfig(beta_start=0.0001, beta_end=0.02)
+MAX_NOISE_LEVEL = 350
+
+
+class WithLabels(nn.Module):
+    """The class labels of every UNet call (the x4 upscaler's noise level) as the conditions' vector."""
+
+    def __init__(self, model: nn.Module, labels: torch.Tensor):
+        super().__init__()
+        if isinstance(model, ScheduledCFG):
+            raise ValueError("prompt editing, alternation and AND are not supported with the x4 upscaler")
+        self.model, self.labels = model, labels
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, uncond: Condition | None = None):
+        labels = self.labels.to(x.device)
+        return self.model(x, sigma, replace(cond, vector=labels),
+                          None if uncond is None else replace(uncond, vector=labels))
+
+
+@torch.no_grad()
+def upscale_latents(pipe, image: torch.Tensor, params: GenerationParams, noise_level: int = 20,
+                    callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+    """The x4 upscaler: `image` (1, 3, h, w) in [-1, 1] -> latents (B, 4, h, w) that decode to
+    (B, 3, f h, f w); `params` has the output size."""
+    validate(params, pipe.vae.downscale)
+    generator = torch.Generator("cpu").manual_seed(params.seed)
+    a = alphas_cumprod(LOW_RES_SCHEDULE)[noise_level]
+    low = a.sqrt() * image + (1 - a).sqrt() * torch.randn(image.shape, generator=generator)  # drawn first
+    source, noise = pipe._noise(params, pipe.latent_shape(params), generator)
+    labels = torch.full((params.batch_size,), noise_level, dtype=torch.long)
+    concat = low.to(pipe.device).repeat(params.batch_size, 1, 1, 1)
+    return pipe._sample(params, source, noise, callback, progress, concat=concat,
+                        wrap=lambda model: WithLabels(model, labels))
+
+
 def depth_tensor(depth) -> torch.Tensor:
     """A depth map given as a PIL image (any mode: "L", "I", "F") or an (H, W) / (1, H, W) tensor -> (1, H, W)."""
     if isinstance(depth, torch.Tensor):
@@ -125,15 +167,18 @@ def depth_tensor(depth) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None]
 
 
+WHAT = {"instruct-pix2pix": "edits an image", "depth": "transforms an image along a depth map",
+        "x4-upscaler": "upscales an image"}
+
+
 def check_inputs(cfg, request) -> None:
     """Refuse a request without the images its model's kind needs (or with ones it cannot use)."""
     from sdtorch.generate.request import RequestError
 
     kind = concat_kind(cfg)
-    if kind in ("instruct-pix2pix", "depth") and request.init_image is None:
-        what = "edits an image" if kind == "instruct-pix2pix" else "transforms an image along a depth map"
-        raise RequestError("init_image", f"this {kind} model {what}: give an init image (img2img)")
-    if kind in ("instruct-pix2pix", "depth") and request.mask is not None:
+    if kind in WHAT and request.init_image is None:
+        raise RequestError("init_image", f"this {kind} model {WHAT[kind]}: give an init image")
+    if kind in WHAT and request.mask is not None:
         raise RequestError("mask", f"a {kind} model does not inpaint (no mask)")
     if kind == "depth" and request.depth_map is None:
         raise RequestError("depth_map", "this depth-to-image model needs a depth map (depth_map, --depth MAP.png): "

@@ -111,6 +111,7 @@ class GenerationRequest:
     # tensor, larger = nearer; no estimator can make one here).
     image_cfg_scale: float = 1.5
     depth_map: Any = None
+    noise_level: int = 20  # the x4 upscaler's noise on its input (0..350)
 
     @property
     def kind(self) -> str:
@@ -213,6 +214,8 @@ class GenerationRequest:
             (mw, mh), (w, h) = _size(self.mask), _size(self.init_image)
             raise RequestError("mask", f"mask is {mw}x{mh} but the image is {w}x{h}")
         _check_number(self, "image_cfg_scale")
+        if not _is_int(self.noise_level) or not 0 <= self.noise_level <= 350:
+            raise RequestError("noise_level", f"noise_level must be an integer in 0..350, got {self.noise_level!r}")
         d = self.depth_map
         if d is not None and not (isinstance(d, Image.Image) or (isinstance(d, torch.Tensor) and d.dim() in (2, 3))):
             raise RequestTypeError("depth_map", f"depth_map must be a PIL image or a (1, H, W) tensor, got "

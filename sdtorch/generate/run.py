@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdtorch.adapters.seamless import seamless
 from sdtorch.families import concat_kind
-from sdtorch.generate.concat import check_inputs, depth_latents, depth_tensor, edit_latents
+from sdtorch.generate.concat import check_inputs, depth_latents, depth_tensor, edit_latents, upscale_latents
 from sdtorch.generate.handoff import finish_latents, refine_latents
 from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor, sampled_steps
 from sdtorch.generate.params import GenerationParams
@@ -134,8 +134,13 @@ def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress
     if pixels is None:
         stop = None if request.denoising_end is None else _handoff(pipe, params, request.denoising_end)
         return pipe.generate_latents(params, callback, progress, stop=stop)
-    params.extra["Denoising strength"] = request.strength
     kind = concat_kind(pipe.config)
+    if kind == "x4-upscaler":  # from noise, at the input's size; the VAE makes it 4x larger
+        f = pipe.vae.downscale
+        params.width, params.height = pixels.shape[-1] * f, pixels.shape[-2] * f
+        params.extra["Noise level"] = request.noise_level
+        return upscale_latents(pipe, pixels, params, request.noise_level, callback, progress)
+    params.extra["Denoising strength"] = request.strength
     if kind == "instruct-pix2pix":
         params.extra["Image CFG scale"] = request.image_cfg_scale
         return edit_latents(pipe, pixels, params, request.strength, request.image_cfg_scale, callback, progress)

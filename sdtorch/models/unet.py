@@ -128,9 +128,11 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, cross_only: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head)  # self-attention over pixels
+        # self-attention over pixels (cross_only: a second attention to the context, the x4 upscaler's)
+        self.cross_only = cross_only
+        self.attn1 = CrossAttention(dim, context_dim if cross_only else None, heads, dim_head)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)  # pixels attend to text tokens
         self.norm1 = nn.LayerNorm(dim)
@@ -138,7 +140,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -146,7 +148,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Image features (B, C, H, W) as H*W tokens through transformer blocks, with a residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, cfg: UNetConfig, depth: int = 1):
+    def __init__(self, channels: int, heads: int, dim_head: int, cfg: UNetConfig, depth: int = 1, level: int = -1):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = cfg.use_linear_in_transformer
@@ -154,7 +156,7 @@ class SpatialTransformer(nn.Module):
         proj = (lambda i, o: nn.Linear(i, o)) if self.use_linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, cfg.context_dim) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, cfg.context_dim, cfg.cross_only(level)) for _ in range(depth)
         )
         self.proj_out = proj(inner, channels)
 
@@ -229,7 +231,7 @@ def _heads(channels: int, cfg: UNetConfig) -> tuple[int, int]:
 def _level(cfg: UNetConfig, ch_in: int, ch_out: int, ds: int, level: int) -> TimestepEmbedSequential:
     layers: list[nn.Module] = [ResBlock(ch_in, cfg.model_channels * 4, ch_out, cfg.norm_groups, cfg.dropout)]
     if ds in cfg.attention_resolutions:
-        layers.append(SpatialTransformer(ch_out, *_heads(ch_out, cfg), cfg, cfg.depth(level)))
+        layers.append(SpatialTransformer(ch_out, *_heads(ch_out, cfg), cfg, cfg.depth(level), level))
     return TimestepEmbedSequential(*layers)
 
 
@@ -260,10 +262,12 @@ def middle_block(cfg: UNetConfig, ch: int) -> TimestepEmbedSequential:
     )
 
 
-def time_embedding(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential | None]:
-    """`time_embed` and, for UNets with an added vector (SDXL), `label_emb`."""
+def time_embedding(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Module | None]:
+    """`time_embed` and, for UNets with an added vector (SDXL) or class labels (the x4 upscaler), `label_emb`."""
     mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
     time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    if cfg.num_classes:
+        return time_embed, nn.Embedding(cfg.num_classes, emb_dim)
     if not cfg.adm_in_channels:
         return time_embed, None
     return time_embed, nn.Sequential(nn.Sequential(
@@ -275,6 +279,11 @@ def embed(module: nn.Module, cfg: UNetConfig, t: torch.Tensor, batch: int, y: to
     `time_embedding(cfg)`: a UNet's or a ControlNet's."""
     dtype = module.time_embed[0].weight.dtype
     emb = module.time_embed(timestep_embedding(t.expand(batch), cfg.model_channels).to(dtype))
+    if cfg.num_classes:  # y: (B,) class labels
+        if y is None or y.shape != (batch,):
+            raise ValueError(f"this UNet takes {batch} class labels (the x4 upscaler: the noise level), got "
+                             f"{None if y is None else tuple(y.shape)}")
+        return emb + module.label_emb(y.long())
     adm = cfg.adm_in_channels
     if (y is None) != (adm == 0):
         raise ValueError(f"this UNet takes a vector of {adm} values (SDXL's pooled text and sizes)" if adm
