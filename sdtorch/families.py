@@ -96,11 +96,13 @@ def text_configs(cfg: ModelConfig) -> list:
     return [cfg.clip] if cfg.clip2 is None else [cfg.clip, cfg.clip2]
 
 
-# UNet input channels -> the image conditioning the UNet takes beside its latents.
-# 9 = latents + mask + masked-image latents; 8 = latents + the source image's latents (instruct-pix2pix);
-# 5 = latents + a depth map (SD 2 depth-to-image). What each takes: `sdtorch.generate.concat`.
-# 7 = latents + the low-resolution image (the SD x4 upscaler, whose UNet also takes the noise level as a class).
-CONCAT: dict[int, str] = {4: "", 9: "inpainting", 8: "instruct-pix2pix", 5: "depth", 7: "x4-upscaler"}
+# (UNet input channels, whether it takes class labels) -> the image conditioning it takes beside its
+# latents (what each takes: `sdtorch.generate.concat`). 9 = latents + mask + masked-image latents;
+# 8 = latents + the source image's latents (instruct-pix2pix); 5 = latents + a depth map (SD 2
+# depth-to-image); 7 with classes = latents + the low-resolution image, the noise level as the
+# class (the SD x4 upscaler); 7 without = latents + a colour layout (sdtorch's layout models).
+CONCAT: dict[tuple[int, bool], str] = {(4, False): "", (9, False): "inpainting", (8, False): "instruct-pix2pix",
+                                       (5, False): "depth", (7, True): "x4-upscaler", (7, False): "layout"}
 
 # What a kind's single files cannot tell from their keys (the x4 upscaler: Stability's
 # x4-upscaling.yaml: 8 heads, linear betas 1e-4..0.02 on the scaled_linear curve, v-prediction,
@@ -111,12 +113,17 @@ KIND_FACTS: dict[str, dict] = {
 }
 
 
-def concat_kind(cfg: ModelConfig) -> str:
+def kind_of(in_channels: int, classes: bool) -> str:
     """"" for a plain UNet, else its image conditioning (`CONCAT`); unknown channel counts are errors."""
-    if cfg.unet.in_channels not in CONCAT:
-        raise ValueError(f"a UNet with {cfg.unet.in_channels} input channels is not a known kind "
-                         f"(known: {', '.join(map(str, CONCAT))})")
-    return CONCAT[cfg.unet.in_channels]
+    if (in_channels, classes) not in CONCAT:
+        known = ", ".join(str(c) for c, _ in CONCAT)
+        raise ValueError(f"a UNet with {in_channels} input channels{' and class labels' if classes else ''} is not "
+                         f"a known kind (known channel counts: {known})")
+    return CONCAT[in_channels, classes]
+
+
+def concat_kind(cfg: ModelConfig) -> str:
+    return kind_of(cfg.unet.in_channels, bool(cfg.unet.num_classes))
 
 
 def describe(cfg: ModelConfig) -> str:

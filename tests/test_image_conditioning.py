@@ -267,3 +267,41 @@ def test_command_line_upscale(upscaler, tmp_path):
     out, = (tmp_path / "out").glob("*.png")
     image = Image.open(out)
     assert image.size == (64, 64) and "Noise level: 40" in image.info["parameters"]
+
+
+def test_server_hires_fix_with_an_x4_upscaler_model(upscaler, tmp_path):
+    """An x4 upscaler in --models-dir is offered as an upscaler and used as hr_upscaler: the same
+    image as the Python API's hires fix with that model."""
+    from fastapi.testclient import TestClient
+    from test_serve import make_service, png_b64  # noqa: F401
+
+    from sdtorch.generate.hires import HiresFix
+    from sdtorch.serve.app import create_app
+
+    ours, _, _ = upscaler
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint.save(models / "x4.safetensors", ours.unet, ours.vae, ours.clip, ours.config)
+    service = make_service(tmp_path / "data", models_dir=str(models))
+    try:
+        with TestClient(create_app(service)) as client:
+            names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+            assert names == ["None", "Lanczos", "Nearest", "x4"]
+            body = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler",
+                    "enable_hr": True, "hr_scale": 2, "hr_upscaler": "x4", "denoising_strength": 0.5}
+            r = client.post("/sdapi/v1/txt2img", json=body)
+            assert r.status_code == 200, r.text
+            bad = client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "x8"})
+            assert bad.status_code == 422 and "x4" in bad.json()["detail"]
+    finally:
+        service.stop()
+    import base64
+    import io
+
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert got.size == (128, 128) and "Hires upscaler: x4" in got.info["parameters"]
+    builtin = sdtorch.load()
+    fix = HiresFix(scale=2, upscaler="x4", strength=0.5, model=ours)
+    want = builtin.run(GenerationRequest("a red apple", steps=2, width=64, height=64, seed=3, sampler="euler",
+                                         scheduler="automatic", cfg_scale=7.0, seed_mode="a1111", hires=fix)).images[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hires-upscaler", default="Latent", help="Latent, Latent (nearest), ..., Lanczos, Nearest, None")
     gen.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (default: --steps)")
     gen.add_argument("--hires-strength", type=float, default=0.7, help="second-pass denoising strength")
+    gen.add_argument("--layout", metavar="MAP", default=None,
+                     help="a picture of coloured regions for a layout model (default model then: the built-in layout one)")
     gen.add_argument("--condition", metavar="FILE", help="input of the model's condition encoder (.npy or .pt tensor), "
                      "e.g. a scan for a model from `sdtorch train decoder-demo`; the prompt may then be empty")
     gen.add_argument("--process", metavar="FILE", help="also save the predicted clean image of every step: "
@@ -214,7 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdtorch.cli.recall import apply_infotext, apply_style_options
     from sdtorch.editing import inspect, p2p
     from sdtorch.editing.pictures import attention_grid, save_process
-    from sdtorch.generate.loading import load
+    from sdtorch.generate.loading import BUILTIN_LAYOUT, load
     from sdtorch.generate.params import GenerationParams, validate
 
     if getattr(args, "from_png", None):
@@ -233,7 +235,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.deep_cache < 0 or args.deep_cache_branch < 0:
         raise ValueError(f"--deep-cache and --deep-cache-branch must be >= 0, got {args.deep_cache}, "
                          f"{args.deep_cache_branch}")
-    pipe = load(args.checkpoint, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
+    path = args.checkpoint or (BUILTIN_LAYOUT if getattr(args, "layout", None) else None)
+    pipe = load(path, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
     _set_memory_options(pipe, args)
     args.refiner_pipe = load(args.refiner, dtype=args.dtype) if args.refiner else None
     args.control_units = tuple(control_unit(spec, pipe, args) for spec in args.control)
@@ -301,7 +304,7 @@ def progress_bar():
 
 def _request(args: argparse.Namespace, seed: int):
     """The `GenerationRequest` of a generate / img2img / inpaint / upscale command line."""
-    from sdtorch.cli.inputs import condition, depth, images
+    from sdtorch.cli.inputs import condition, depth, images, layout
     from sdtorch.generate import GenerationRequest
 
     init, mask = images(args)
@@ -317,6 +320,7 @@ def _request(args: argparse.Namespace, seed: int):
         refiner=getattr(args, "refiner_pipe", None), refiner_switch_at=args.refiner_switch_at,
         controls=getattr(args, "control_units", ()), image_cfg_scale=getattr(args, "image_cfg", 1.5),
         depth_map=depth(getattr(args, "depth", None)), noise_level=getattr(args, "noise_level", 20),
+        layout=layout(getattr(args, "layout", None)),
     ).validate()
 
 

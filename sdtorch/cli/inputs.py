@@ -1,5 +1,5 @@
 """What a command line reads from files besides the model: the init image and mask (or an
-outpainting canvas), a depth map, a condition encoder's input tensor."""
+outpainting canvas), a depth map, a layout, a condition encoder's input tensor."""
 
 from __future__ import annotations
 
@@ -41,3 +41,10 @@ def condition(path: str | None):
     from sdtorch.formats.files import read_tensor
 
     return None if path is None else read_tensor(path).float()
+
+
+def layout(path: str | None):
+    """A layout picture, as it is (transparency is made white when it is read)."""
+    from sdtorch.generate.images import open_image
+
+    return None if path is None else open_image(path, "RGBA")

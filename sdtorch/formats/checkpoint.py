@@ -46,6 +46,9 @@ IGNORED = re.compile(
     r"|conditioner\.embedders\.\d+\.(transformer\.text_model\.embeddings\.position_ids|model\.logit_scale)$)"
 )
 CONFIG_KEY = "sdtorch_config"  # safetensors metadata written by `save`
+# A UNet-only file's base (`save_unet`): the file, beside it or in the package's data folder, whose
+# VAE and text encoders it shares.
+BASE_KEY = "sdtorch_base"
 ENCODER_PREFIX = "condition_encoder."  # a condition encoder's keys (sdtorch.conditioning.encoders)
 ENCODER_KEY = "sdtorch_condition_encoder"  # its spec (JSON) in the metadata
 
@@ -129,7 +132,7 @@ def detect_unet(sd: dict[str, torch.Tensor], out_channels: int | None = None) ->
     proj = sd["middle_block.1.proj_in.weight"]
     context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     sd2 = proj.ndim == 2 or context_dim == 1024
-    facts = KIND_FACTS.get(CONCAT.get(first.shape[1], ""), {})
+    facts = KIND_FACTS.get(CONCAT.get((first.shape[1], "label_emb.weight" in sd), ""), {})
     heads = (facts["num_heads"], -1) if "num_heads" in facts else (-1, 64) if sd2 else (8, -1)
     return UNetConfig(
         in_channels=first.shape[1],
@@ -246,6 +249,8 @@ def read(
         config = config or folder_cfg
     else:
         sd, meta = read_state_dict(path)
+        if BASE_KEY in meta:
+            sd = _with_base(sd, meta[BASE_KEY], path)
         encoder, encoder_spec = _condition_encoder(sd, meta, path)
         unet, vae, texts, family = split(sd)
     if config is None and CONFIG_KEY in meta:
@@ -263,6 +268,17 @@ def read(
     dtype = next(iter(unet.values())).dtype
     clip2 = texts[1] if len(texts) > 1 else {}
     return Checkpoint(config, unet, vae, texts[0], dtype, source, path, encoder, encoder_spec, clip2)
+
+
+def _with_base(sd: dict, base: str, path: Path) -> dict:
+    """A UNet-only file's tensors completed by its base's VAE and text encoders (the base is found
+    by name beside the file or in the package's data folder, never by a path in the file)."""
+    name = Path(base).name
+    found = next((p for p in (path.parent / name, Path(__file__).parents[1] / "data" / name) if p.is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{path} holds a UNet for {name!r}, which is neither beside it nor in sdtorch's data")
+    base_sd, _ = read_state_dict(found)
+    return {k: v for k, v in base_sd.items() if not k.startswith(PREFIXES["unet"])} | sd
 
 
 def _condition_encoder(sd: dict, meta: dict, path: Path) -> tuple[dict, dict | None]:
@@ -290,7 +306,7 @@ def _detect(unet: dict, vae: dict, texts: list[dict], family: Family, path: Path
                 raise CheckpointError(f"{path}: a UNet vector of {unet_cfg.adm_in_channels} does not fit "
                                       f"{family.label}'s pooled text ({pooled}) and conditions {micro}")
             micro_dim = (unet_cfg.adm_in_channels - pooled) // values
-        facts = KIND_FACTS.get(CONCAT.get(unet_cfg.in_channels, ""), {})
+        facts = KIND_FACTS.get(CONCAT.get((unet_cfg.in_channels, bool(unet_cfg.num_classes)), ""), {})
         schedule = {k: facts[k] for k in ("beta_start", "beta_end") if k in facts}
         return ModelConfig(
             name=path.stem,
@@ -358,3 +374,11 @@ def save(path: str | Path, unet: nn.Module, vae: nn.Module, clip: nn.Module, cfg
         meta[ENCODER_KEY] = json.dumps(condition_encoder.spec())
     sd = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     return save_safetensors(sd, path, meta)
+
+
+def save_unet(path: str | Path, unet: nn.Module, cfg: ModelConfig, base: str, dtype=None) -> Path:
+    """Write a UNet alone (original keys, config in the metadata) for a model that shares the VAE and
+    text encoders of `base` (a file name: `read` finds it beside this file or in the package's data)."""
+    sd = {PREFIXES["unet"] + k: v for k, v in unet.state_dict().items()}
+    sd = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    return save_safetensors(sd, path, {CONFIG_KEY: json.dumps(cfg.to_dict()), BASE_KEY: base})

@@ -10,6 +10,8 @@
 - depth (5; SD 2 depth-to-image): a depth map at latent size, scaled to [-1, 1] (diffusers'
   StableDiffusionDepth2ImgPipeline with a given depth_map). Depth estimators need downloaded
   weights, which this package does not have: the depth map is the caller's.
+- layout (7, no class labels; sdtorch's semantic synthesis): a colour-segment map at latent size
+  (`sdtorch.conditioning.layout`), made from any picture of coloured regions; txt2img otherwise.
 - x4-upscaler (7; the SD x4 upscaler): the low-resolution image itself at latent size, noised to
   `noise_level` on its own DDPM schedule, that level also given to the UNet as a class label;
   its VAE decodes 4x larger (diffusers' StableDiffusionUpscalePipeline).
@@ -157,6 +159,33 @@ def upscale_latents(pipe, image: torch.Tensor, params: GenerationParams, noise_l
                         wrap=lambda model: WithLabels(model, labels))
 
 
+def layout_tensor(layout) -> torch.Tensor:
+    """A layout picture (transparent parts white, as the emoji were drawn) or a (1, 3, H, W) tensor in
+    [-1, 1] -> (1, 3, H, W) in [-1, 1]."""
+    if isinstance(layout, torch.Tensor):
+        return layout.float()
+    from PIL import Image
+
+    from sdtorch.generate.images import image_tensor
+
+    if layout.mode in ("RGBA", "LA", "P"):
+        layout = Image.alpha_composite(Image.new("RGBA", layout.size, "white"), layout.convert("RGBA"))
+    return image_tensor(layout.convert("RGB"))
+
+
+@torch.no_grad()
+def layout_latents(pipe, layout, params: GenerationParams, callback: Callable | None = None,
+                   progress: bool = True) -> torch.Tensor:
+    """A layout model's txt2img: its colour-segment map (from `layout`, any size) beside the latents."""
+    from sdtorch.conditioning.layout import colour_layout
+
+    validate(params, pipe.vae.downscale)
+    source, noise = pipe._noise(params, pipe.latent_shape(params))
+    grid = colour_layout(layout_tensor(layout), tuple(pipe.latent_shape(params)[-2:]))
+    concat = grid.to(pipe.device).repeat(params.batch_size, 1, 1, 1)
+    return pipe._sample(params, source, noise, callback, progress, concat=concat)
+
+
 def depth_tensor(depth) -> torch.Tensor:
     """A depth map given as a PIL image (any mode: "L", "I", "F") or an (H, W) / (1, H, W) tensor -> (1, H, W)."""
     if isinstance(depth, torch.Tensor):
@@ -183,6 +212,12 @@ def check_inputs(cfg, request) -> None:
     if kind == "depth" and request.depth_map is None:
         raise RequestError("depth_map", "this depth-to-image model needs a depth map (depth_map, --depth MAP.png): "
                                         "no depth estimator weights are available here to make one from the image")
+    if kind == "layout" and (request.layout is None or request.init_image is not None):
+        raise RequestError("layout", "this layout model generates from a colour layout: give a layout (--layout "
+                                     "MAP.png) and no init image")
+    if kind != "layout" and request.layout is not None:
+        raise RequestError("layout", f"a layout is for layout models (sdtorch's semantic synthesis); this model is "
+                                     f"{kind or 'a plain text-to-image model'}")
     if kind != "depth" and request.depth_map is not None:
         raise RequestError("depth_map", "a depth map is for depth-to-image models (5-channel UNets); this model "
                                         f"is {kind or 'a plain text-to-image model'}")

@@ -3,7 +3,8 @@ latent space, or as pixels), and a second img2img pass at the large size.
 
 - Upscalers: "Latent" (bilinear), "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest)",
   "Latent (nearest-exact)" resize the first pass's latents; "Lanczos", "Nearest" resize its
-  images, and "None" resizes them with Lanczos as A1111 does.
+  images, and "None" resizes them with Lanczos as A1111 does. A loaded x4 upscaler (`model`, named
+  by `upscaler`) makes each image 4x larger with the (hires) prompt, then Lanczos fits the target.
 - Size: width x height times `scale`, or `resize` (w, h): one side 0 keeps the aspect ratio, both
   set scales to cover and crops the middle (A1111's hr_resize_x / hr_resize_y).
 - The second pass is img2img with the same seed, prompt (or `prompt`), sampler (or `sampler`),
@@ -16,6 +17,7 @@ Hires upscaler and Denoising strength.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,13 @@ class HiresFix:
     negative_prompt: str = ""
     sampler: str = ""  # "": the first pass's
     scheduler: str = ""
+    model: Any = None  # a loaded x4 upscaler `Pipeline` (its name in `upscaler`), or None
+    model_steps: int = 20  # the upscaler's sampler steps
 
     def validate(self) -> None:
         from sdtorch.generate.request import RequestError
 
-        if self.upscaler not in UPSCALERS:
+        if self.upscaler not in UPSCALERS and self.model is None:
             raise RequestError("hr_upscaler", f"unknown hires upscaler {self.upscaler!r}; choose from {', '.join(UPSCALERS)}")
         if not 0 <= self.strength <= 1:
             raise RequestError("denoising_strength", f"hires denoising strength must be in [0, 1], got {self.strength}")
@@ -78,8 +82,18 @@ def upscale_latents(latents: torch.Tensor, fix: HiresFix, size: tuple[int, int, 
     return x[..., top : top + fh // f, left : left + fw // f]
 
 
-def upscale_image(image: Image.Image, fix: HiresFix, size: tuple[int, int, int, int]) -> Image.Image:
+def upscale_image(image: Image.Image, fix: HiresFix, size: tuple[int, int, int, int], second=None) -> Image.Image:
+    """The first pass's image at the target size; `second`: the second pass's request (with this
+    image's seed), whose prompt, negative prompt and CFG an upscaler model uses."""
     cw, ch, fw, fh = size
+    if fix.model is not None:
+        from sdtorch.generate.request import GenerationRequest
+
+        request = GenerationRequest(second.prompt, second.negative_prompt, steps=fix.model_steps, sampler="euler",
+                                    scheduler="automatic", cfg_scale=second.cfg_scale, seed=second.seed,
+                                    init_image=image.convert("RGB"))
+        image = fix.model.run(request).images[0]
+        return ImageOps.fit(image.resize((cw, ch), Image.LANCZOS), (fw, fh), Image.LANCZOS)
     return ImageOps.fit(image.convert("RGB").resize((cw, ch), PIXEL[fix.upscaler]), (fw, fh), PIXEL[fix.upscaler])
 
 

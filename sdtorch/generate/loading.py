@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 BUILTIN = Path(__file__).parents[1] / "data" / "emoji.safetensors"
+# The built-in layout model (semantic synthesis, `scripts/train_layout.py`): a UNet for BUILTIN's VAE and text encoder.
+BUILTIN_LAYOUT = BUILTIN.with_name("emoji_layout.safetensors")
 
 
 def load(path: str | Path | None = None, *, config: ModelConfig | None = None,

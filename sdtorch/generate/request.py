@@ -112,6 +112,7 @@ class GenerationRequest:
     image_cfg_scale: float = 1.5
     depth_map: Any = None
     noise_level: int = 20  # the x4 upscaler's noise on its input (0..350)
+    layout: Any = None  # a layout model's colour map: a PIL image of coloured regions, or (1, 3, H, W) in [-1, 1]
 
     @property
     def kind(self) -> str:
@@ -220,6 +221,9 @@ class GenerationRequest:
         if d is not None and not (isinstance(d, Image.Image) or (isinstance(d, torch.Tensor) and d.dim() in (2, 3))):
             raise RequestTypeError("depth_map", f"depth_map must be a PIL image or a (1, H, W) tensor, got "
                                                 f"{type(d).__name__}{tuple(d.shape) if isinstance(d, torch.Tensor) else ''}")
+        if self.layout is not None and not isinstance(self.layout, (Image.Image, torch.Tensor)):
+            raise RequestTypeError("layout", f"layout must be a PIL image or a (1, 3, H, W) tensor, got "
+                                             f"{type(self.layout).__name__}")
         if d is not None and self.init_image is None:
             raise RequestError("depth_map", "a depth map goes with the init_image it describes (depth-to-image)")
 

@@ -19,7 +19,14 @@ from PIL import Image
 
 from sdtorch.adapters.seamless import seamless
 from sdtorch.families import concat_kind
-from sdtorch.generate.concat import check_inputs, depth_latents, depth_tensor, edit_latents, upscale_latents
+from sdtorch.generate.concat import (
+    check_inputs,
+    depth_latents,
+    depth_tensor,
+    edit_latents,
+    layout_latents,
+    upscale_latents,
+)
 from sdtorch.generate.handoff import finish_latents, refine_latents
 from sdtorch.generate.images import image_tensor, img2img_start, mask_tensor, sampled_steps
 from sdtorch.generate.params import GenerationParams
@@ -91,7 +98,8 @@ def _hires(pipe, request: GenerationRequest, on_step, cancel, progress) -> RunRe
     else:
         images, done = [], n1
         for image, seed in zip(res.images, res.seeds):
-            r = replace(second, init_image=hires.upscale_image(image, fix, size), batch_size=1, seed=seed)
+            r = replace(second, batch_size=1, seed=seed)
+            r = replace(r, init_image=hires.upscale_image(image, fix, size, r))
             out = run(pipe, r, on_step=_shifted(on_step, done, total), cancel=cancel, progress=progress)
             images += out.images
             done += sampled_steps(r)
@@ -131,6 +139,8 @@ def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress
             return pipe.generate_latents(params, callback, progress)
         with request.refiner.lock:
             return refine_latents(pipe, request.refiner, params, switch, callback, progress)
+    if request.layout is not None:
+        return layout_latents(pipe, request.layout, params, callback, progress)
     if pixels is None:
         stop = None if request.denoising_end is None else _handoff(pipe, params, request.denoising_end)
         return pipe.generate_latents(params, callback, progress, stop=stop)
@@ -183,12 +193,16 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
 
 
 def _extra(r: GenerationRequest) -> dict:
+    import hashlib
+
     extra = {"Tiling": True} if r.tiling else {}
     if r.condition is not None:  # which input, by content (the tensor itself is not text)
-        import hashlib
-
         data = r.condition.detach().float().contiguous().numpy().tobytes()
         extra["Condition hash"] = hashlib.sha256(data).hexdigest()[:10]
+    if r.layout is not None:
+        from sdtorch.generate.concat import layout_tensor
+
+        extra["Layout hash"] = hashlib.sha256(layout_tensor(r.layout).numpy().tobytes()).hexdigest()[:10]
     return extra
 
 

@@ -145,11 +145,13 @@ def resolve_seeds(req: _Common) -> tuple[int, int]:
 
 def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Limits, seed: int, subseed: int,
          lora_exists: Callable[[str], None] | None = None, styles: dict | None = None,
-         seed_mode: str = "a1111", controlnet: Callable[[str], Any] | None = None) -> Plan:
+         seed_mode: str = "a1111", controlnet: Callable[[str], Any] | None = None,
+         upscaler: Callable[[str], Any] | None = None) -> Plan:
     """The runs one A1111 request makes on a loaded model of native size `native` (pixels), with
     its resolved `seed` (batches get seed, seed + batch_size, ... as A1111 numbers them).
     `options` are the server's current options, updated by the request's override_settings;
-    `controlnet(name)`: the loaded ControlNet a unit names (KeyError for an unknown one).
+    `controlnet(name)`, `upscaler(name)`: the loaded ControlNet a unit names, the x4 upscaler an
+    hr_upscaler names (KeyError for an unknown one).
     Raises `RequestError` naming the first field it cannot honour."""
     _refuse_unsupported(req)
     opts = {**options, **_overrides(req)}
@@ -165,7 +167,7 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         subseed_strength=req.subseed_strength, seed_resize_from=_seed_resize(req, seed_mode), tiling=bool(req.tiling))
     finish = lambda im: im  # noqa: E731
     if isinstance(req, Txt2Img) and req.enable_hr:
-        base = replace(base, hires=_hires(req))
+        base = replace(base, hires=_hires(req, upscaler))
         _, _, hw, hh = base.hires.target(width, height)
         if hw * hh * req.batch_size > limits.max_pixels:
             _refuse("hr_scale", f"the hires size {hw}x{hh}x{req.batch_size} is above this server's --max-pixels "
@@ -199,8 +201,8 @@ def _controls(req: _Common, base: GenerationRequest, controlnet: Callable[[str],
     return replace(base, controls=tuple(got.units)), got.maps
 
 
-def _hires(req: Txt2Img):
-    from sdtorch.generate.hires import HiresFix
+def _hires(req: Txt2Img, upscaler: Callable[[str], Any] | None = None):
+    from sdtorch.generate.hires import UPSCALERS, HiresFix
 
     sampler = scheduler = ""
     if req.hr_sampler_name or req.hr_scheduler:
@@ -209,8 +211,14 @@ def _hires(req: Txt2Img):
                                                      req.hr_scheduler or req.scheduler or "automatic")
         except ValueError as e:
             raise RequestError("hr_sampler_name", f"hr_sampler_name: {e}") from None
-    return HiresFix(scale=req.hr_scale, resize=(req.hr_resize_x, req.hr_resize_y), upscaler=req.hr_upscaler or "Latent",
-                    steps=req.hr_second_pass_steps, strength=0.7 if req.denoising_strength is None else req.denoising_strength,
+    model = None
+    if req.hr_upscaler and req.hr_upscaler not in UPSCALERS and upscaler is not None:
+        try:
+            model = upscaler(req.hr_upscaler)
+        except KeyError as e:
+            raise RequestError("hr_upscaler", f"hr_upscaler: {e.args[0]} (built in: {', '.join(UPSCALERS)})") from None
+    return HiresFix(model=model, scale=req.hr_scale, resize=(req.hr_resize_x, req.hr_resize_y),
+                    upscaler=req.hr_upscaler or "Latent", steps=req.hr_second_pass_steps, strength=0.7 if req.denoising_strength is None else req.denoising_strength,
                     prompt=req.hr_prompt, negative_prompt=req.hr_negative_prompt, sampler=sampler, scheduler=scheduler)
 
 

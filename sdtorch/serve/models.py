@@ -87,7 +87,9 @@ class Models:
         self.controlnets = ControlNets(controlnet_dir)
         self._lock = threading.Lock()
         self._loaded: tuple[str, Pipeline] | None = None
-        self._refiner: tuple[str, Pipeline] | None = None  # the SDXL refiner requests name (one kept loaded)
+        # Second models requests name (the SDXL refiner, an x4 upscaler): one per role kept loaded.
+        self._companions: dict[str, tuple[str, Pipeline]] = {}
+        self._upscaler_files: dict[Path, bool] = {}
         self.refresh()
         self.default = self._by_path(self.default_path).title
 
@@ -142,20 +144,51 @@ class Models:
             self._loaded = (entry.title, pipe)
             return pipe
 
-    def refiner(self, name: str) -> Pipeline:
-        """The loaded refiner a request names (A1111's refiner_checkpoint), loading it if needed;
-        it is kept beside the main model (A1111 swaps them within a run)."""
+    def companion(self, name: str, role: str = "refiner") -> Pipeline:
+        """A second model a request names (A1111's refiner_checkpoint; an x4 upscaler as hr_upscaler),
+        loading it if needed; one per role is kept beside the main model."""
         with self._lock:
             entry = self.find(name)
-            if self._refiner is None or self._refiner[0] != entry.title:
-                self._refiner = None
-                log.warning("loading refiner %s", entry.path)
-                self._refiner = (entry.title, load(entry.path, dtype=self.dtype))
-            return self._refiner[1]
+            held = self._companions.get(role)
+            if held is None or held[0] != entry.title:
+                self._companions.pop(role, None)
+                log.warning("loading %s %s", role, entry.path)
+                self._companions[role] = (entry.title, load(entry.path, dtype=self.dtype))
+            return self._companions[role][1]
+
+    def upscalers(self) -> list[Checkpoint]:
+        """The offered checkpoints that are SD x4 upscalers (told from a .safetensors header or a
+        diffusers folder's UNet config: 7 input channels and class labels; .ckpt files are not read)."""
+        for c in self.entries:
+            if c.path not in self._upscaler_files:
+                self._upscaler_files[c.path] = _is_upscaler(c.path)
+        return [c for c in self.entries if self._upscaler_files[c.path]]
+
+    def find_upscaler(self, name: str) -> Checkpoint:
+        found = next((c for c in self.upscalers() if name in (c.model_name, c.title, c.name)), None)
+        if found is None:
+            names = ", ".join(c.model_name for c in self.upscalers()) or "none"
+            raise KeyError(f"unknown hires upscaler {name!r}; this server's upscaler models: {names}")
+        return found
 
     @property
     def loaded(self) -> tuple[str, Pipeline] | None:
         return self._loaded
+
+
+def _is_upscaler(path: Path) -> bool:
+    if path.is_dir():
+        config = path / "unet" / "config.json"
+        d = json.loads(config.read_text()) if config.is_file() else {}
+        return d.get("in_channels") == 7 and bool(d.get("num_class_embeds"))
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        return key in keys and f.get_slice(key).get_shape()[1] == 7 and "model.diffusion_model.label_emb.weight" in keys
 
 
 def default_lora_dir(models_dir: str | None) -> Path | None:

@@ -168,9 +168,10 @@ def _lists(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/upscalers")
     def upscalers():
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
-                {"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
-                {"name": "Nearest", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        built_in = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                    for name in ("None", "Lanczos", "Nearest")]
+        return built_in + [{"name": c.model_name, "model_name": c.model_name, "model_path": str(c.path),
+                            "model_url": None, "scale": 4} for c in service.models.upscalers()]
 
     @app.get("/sdapi/v1/scripts")
     def scripts():

@@ -143,7 +143,8 @@ class Service:
         options = dict(self.options)
         a1111.plan(req, native=native, downscale=downscale, options=options, limits=self.settings.limits,
                    seed=seed, subseed=subseed, lora_exists=self._lora_exists, styles=self.styles,
-                   seed_mode=self.settings.seed_mode, controlnet=lambda name: self.models.controlnets.find(name).title)
+                   seed_mode=self.settings.seed_mode, controlnet=lambda name: self.models.controlnets.find(name).title,
+                   upscaler=lambda name: self.models.find_upscaler(name).title)
         record = {"body": req.model_dump(exclude_unset=True), "seed": seed, "subseed": subseed, "options": options}
         job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
         if job is None:

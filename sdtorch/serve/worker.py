@@ -180,10 +180,11 @@ class Worker:
         plan = a1111.plan(req, native=pipe.config.sample_size, downscale=pipe.vae.downscale,
                           options=job.request["options"], limits=self.limits, seed=job.request["seed"],
                           subseed=job.request["subseed"], styles=self.styles, seed_mode=self.seed_mode,
-                          controlnet=lambda name: self.models.controlnets.load(name, pipe))
+                          controlnet=lambda name: self.models.controlnets.load(name, pipe),
+                          upscaler=lambda name: self.models.companion(self.models.find_upscaler(name).title, "upscaler"))
         runs = plan.runs
         if req.refiner_checkpoint and req.refiner_switch_at != 1:  # A1111: the refiner takes over within each run
-            refiner = self.models.refiner(req.refiner_checkpoint)
+            refiner = self.models.companion(req.refiner_checkpoint)
             runs = [replace(r, refiner=refiner) for r in runs]
         per_run = total_steps(runs[0])
         p = self.progress

@@ -3,6 +3,7 @@
 - `VAEJob`: the KL autoencoder (reconstruction + KL).
 - `UNetJob`: the noise predictor on latents of a frozen autoencoder, conditioned on a frozen
   text encoder, eps- or v-prediction, with caption dropout so classifier-free guidance works.
+- `LayoutJob`: UNetJob with a colour layout of each image beside the latents (semantic synthesis).
 - `LoRAJob`: UNetJob's loss on a frozen model; only LoRA layers (`sdtorch.adapters.lora`) train.
 (The contrastive CLIP job lives in `sdtorch.training.clip_train`, DreamBooth's in `sdtorch.training.dreambooth`.)
 
@@ -151,14 +152,18 @@ class UNetJob:
                 mean, std = posterior.mean, posterior.std
             return (mean + std * randn_per_sample(mean.shape[1:], seeds, 1)) * self.cfg.vae.scaling_factor
 
-    def denoising_loss(self, unet: nn.Module, z0: torch.Tensor, context: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """MSE of the UNet's eps (or v) at a random timestep per sample."""
+    def denoising_loss(self, unet: nn.Module, z0: torch.Tensor, context: torch.Tensor, seeds: torch.Tensor,
+                       concat: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE of the UNet's eps (or v) at a random timestep per sample; `concat`: image channels
+        beside the noisy latents (a layout model's layout)."""
         T = len(self.alphas)
         t = (rand_per_sample(seeds, 3) * T).long().clamp(max=T - 1)  # (B,)
         noise = randn_per_sample(z0.shape[1:], seeds, 4)
         a = self.alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
         target = noise if self.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z0
+        if concat is not None:
+            x_t = torch.cat([x_t, concat.to(x_t)], dim=1)
         if isinstance(context, Condition):  # SDXL: text states and the vector
             pred = unet(x_t, t.float(), context.crossattn, context.vector)
         else:
@@ -180,6 +185,44 @@ class UNetJob:
     def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
         return checkpoint.save(path, ema["unet"], self.vae, ema.get("clip", self.clip), self.cfg, dtype=dtype,
                                clip2=self.clip2)
+
+
+class LayoutJob(UNetJob):
+    """Semantic synthesis: UNetJob with each image's colour layout (`conditioning.layout`) beside
+    the latents; the UNet has 3 more input channels. `unet`: where to start (a text-to-image UNet
+    is widened with zero weights for the layout channels, so training starts from its images)."""
+
+    def __init__(self, cfg: ModelConfig, vae: AutoencoderKL, clip: ClipTextModel, *, unet: UNetModel | None = None,
+                 **kw):
+        if unet is not None and unet.cfg.in_channels == cfg.unet.in_channels - 3:
+            unet = widen_input(unet, cfg.unet)
+        super().__init__(cfg, vae, clip, unet=unet, **kw)
+
+    def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        from sdtorch.conditioning.layout import colour_layout
+
+        models = batch["models"]
+        z0, context = self.condition(batch["image"], batch["text"], seeds, batch.get("index"), models.get("clip"))
+        layout = colour_layout(batch["image"], tuple(z0.shape[-2:]))
+        return self.denoising_loss(models["unet"], z0, context, seeds, concat=layout), {}
+
+    def samples(self, ema: dict[str, nn.Module], step: int):
+        return None  # previews need layouts: benchmarks/layout.py draws and scores them
+
+    def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
+        return checkpoint.save(path, ema["unet"], self.vae, self.clip, self.cfg, dtype=dtype)
+
+
+def widen_input(unet: UNetModel, cfg) -> UNetModel:
+    """A copy of `unet` with `cfg.in_channels` input channels: the old ones' weights kept, the new
+    ones' zero (the UNet computes exactly what it did until training moves them)."""
+    wide = UNetModel(cfg)
+    sd = unet.state_dict()
+    old = sd["input_blocks.0.0.weight"]
+    new = torch.zeros(old.shape[0], cfg.in_channels, *old.shape[2:], dtype=old.dtype)
+    new[:, : old.shape[1]] = old
+    wide.load_state_dict(sd | {"input_blocks.0.0.weight": new})
+    return wide
 
 
 class LoRAJob:

@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0  # 0 = never
-    save_every: int = 100
+    save_every: int = 100  # 0 = only at the end
     num_workers: int = 0
 
 
@@ -194,7 +194,7 @@ def train(job: Job, dataset, cfg: TrainConfig, *, progress: bool = True) -> dict
             logger.write(step=step, loss=loss_sum, lr=lr_at(step - 1, cfg), grad_norm=float(norm), samples_per_s=rate, **logs)
         if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             _save_samples(job, ema, step, out)
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+        if rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
             _checkpoint(out / "last.pt", job, ema, opt, step, cfg)
     bar.close()
     return ema
