@@ -14,7 +14,6 @@ Usage: python benchmarks/layout.py [--data DIR] [--limit N] [--picture docs/layo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,19 +27,9 @@ from sdtorch.conditioning.layout import colour_layout, layout_iou
 from sdtorch.generate import GenerationRequest
 from sdtorch.generate.images import image_tensor
 from sdtorch.generate.loading import BUILTIN_LAYOUT
+from sdtorch.training.data import held_out_items
 
-HELD_OUT_EVERY = 20
 COMMON = dict(steps=20, sampler="dpmpp_2m", scheduler="karras", cfg_scale=5.0, width=64, height=64)
-
-
-def held_out(data: Path, limit: int | None) -> list[tuple[int, Image.Image, str]]:
-    lines = (data / "metadata.jsonl").read_text().splitlines()
-    items = []
-    for i, line in enumerate(lines):
-        if i % HELD_OUT_EVERY == 0:
-            item = json.loads(line)
-            items.append((i, Image.open(data / item["file_name"]).convert("RGB"), item["text"]))
-    return items[:limit] if limit else items
 
 
 def grid_of(image: Image.Image) -> torch.Tensor:
@@ -89,7 +78,7 @@ def main() -> None:
         build_emoji_dataset(args.data, 64)
     torch.set_grad_enabled(False)
     layout_pipe, text_pipe = sdtorch.load(BUILTIN_LAYOUT), sdtorch.load()
-    items = held_out(args.data, args.limit)
+    items = held_out_items(args.data)[: args.limit]
     scores = {"layout model, its layout": [], "text-only built-in model": [], "layout model, another emoji's layout": []}
     t0 = time.perf_counter()
     for n, (i, image, text) in enumerate(items):

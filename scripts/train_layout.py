@@ -9,7 +9,6 @@ Usage: python scripts/train_layout.py RUN_DIR [--steps N]   (re-running resumes)
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,34 +16,21 @@ import torch
 
 import sdtorch
 from sdtorch.formats import checkpoint
-from sdtorch.training.data import ImageCaptionDataset, build_emoji_dataset
+from sdtorch.training.data import ImageCaptionDataset, build_emoji_dataset, held_out_split
 from sdtorch.training.jobs import LayoutJob
 from sdtorch.training.train import TrainConfig, train
-
-HELD_OUT_EVERY = 20  # emoji i with i % 20 == 0 are never trained on (benchmarks/layout.py scores them)
-
-
-def split_dataset(data: Path, out: Path) -> Path:
-    """A metadata.jsonl of the training emoji only (the images stay where they are)."""
-    out.mkdir(parents=True, exist_ok=True)
-    lines = (data / "metadata.jsonl").read_text().splitlines()
-    kept = [json.loads(line) for i, line in enumerate(lines) if i % HELD_OUT_EVERY]
-    for item in kept:
-        item["file_name"] = str((data / item["file_name"]).resolve())
-    (out / "metadata.jsonl").write_text("".join(json.dumps(item) + "\n" for item in kept))
-    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--out", type=Path, default=Path(sdtorch.__file__).parent / "data" / "emoji_layout.safetensors")
     args = p.parse_args()
     data = args.run / "emoji64"
     if not (data / "metadata.jsonl").exists():
         build_emoji_dataset(data, 64)
-    dataset = ImageCaptionDataset(split_dataset(data, args.run / "train"), 64)
+    dataset = ImageCaptionDataset(held_out_split(data, args.run / "train"), 64)  # every 20th emoji held out
     base = sdtorch.load()
     cfg = replace(base.config, name="emoji-layout", unet=replace(base.config.unet, in_channels=7))
     job = LayoutJob(cfg, base.vae, base.clip, unet=base.unet, caption_dropout=0.1)

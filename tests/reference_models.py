@@ -196,6 +196,7 @@ SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "euler_a_karras": ("EulerAncestralDiscreteScheduler", {}),  # grid installed by reference_scheduler
+    "lcm": ("LCMScheduler", {}),
 }
 SCHEDULERS.update({f"{k}_karras": (SCHEDULERS[k][0], {"use_karras_sigmas": True})
                    for k in ("euler", "heun", "lms", "dpmpp_2m", "unipc")})

@@ -307,3 +307,39 @@ def test_sdxl_controlnet_guides_the_base_steps_before_the_refiner(controlled_xl)
     uncontrolled = ours.run(GenerationRequest(PROMPT, NEGATIVE, refiner=refiner, refiner_switch_at=0.8, **common))
     assert (uncontrolled.latents - one.latents).abs().max() > 1e-3
     assert 'ControlNet 0: "Module: none, Model: cn' in one.infotexts[0]
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def test_controlnet_training_starts_as_no_change_and_writes_a_loadable_file(tiny_file, tmp_path):
+    from PIL import Image, ImageDraw
+
+    import sdtorch
+    from sdtorch.adapters.control import with_residuals
+    from sdtorch.training.data import ImageCaptionDataset
+    from sdtorch.training.jobs import ControlNetJob
+    from sdtorch.training.train import TrainConfig, train
+
+    pipe = sdtorch.load(tiny_file)
+    job = ControlNetJob(pipe.config, pipe.vae, pipe.clip, pipe.unet)
+    x, t, ctx = torch.randn(2, 4, 32, 32), torch.tensor([10.0, 600.0]), torch.randn(2, 77, 32)
+    hint = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # zero convolutions: the controlled UNet is the UNet
+        assert torch.equal(with_residuals(pipe.unet, job.net(x, hint, t, ctx), x, t, ctx), pipe.unet(x, t, ctx))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        im = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(im).ellipse((8 + 4 * i, 8, 50, 50), fill=(200, 40, 40))
+        im.save(data / f"{i}.png")
+    (data / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "a disc"}}\n' for i in range(4)))
+    edges = job.hints(torch.from_numpy(np.asarray(Image.open(data / "0.png"), np.float32) / 127.5 - 1).permute(2, 0, 1)[None])
+    assert edges.shape == (1, 3, 64, 64) and 0 < edges.mean() < 0.3  # an outline
+    ema = train(job, ImageCaptionDataset(data, 64), TrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=2,
+                                                                warmup=1, save_every=0, log_every=1), progress=False)
+    assert any(p.abs().sum() > 0 for p in ema["controlnet"].zero_convs.parameters())  # it learned something
+    path = job.export(ema, tmp_path / "control_tiny.safetensors")
+    loaded = cn_format.load(path, pipe.config.unet)
+    assert loaded.title == "control_tiny"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ema["controlnet"].state_dict().values()))

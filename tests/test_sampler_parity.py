@@ -117,7 +117,7 @@ def test_final_latents_match_diffusers(name, eta, prediction, steps):
     assert err <= 1e-4, f"{name} eta={eta} {prediction} {steps} steps: rel. error {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "ddim"])
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "ddim", "lcm"])
 def test_guided_latents_match_diffusers(name):
     toy, cond, uncond = ToyUNet(), _context(seed=1), _context(seed=2)
     ref = _reference(name, toy, 12, "eps", 7, 0.0, cond, uncond, scale=7.5)
@@ -128,11 +128,11 @@ def test_guided_latents_match_diffusers(name):
 def _reference_grid(scheduler, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas (n+1,), timesteps (n,)) of a diffusers scheduler, one entry per sampler step."""
     ts = scheduler.timesteps
-    if name in ("ddim", "plms", "ddpm"):  # VP schedulers: sigma from alphas_cumprod at the timesteps
+    if name in ("ddim", "plms", "ddpm", "lcm"):  # VP schedulers: sigma from alphas_cumprod at the timesteps
         if name == "plms":  # [t0, t1, t1, t2, ...]: the repeated t1 is the improved-Euler start
             ts = torch.cat([ts[:1], ts[2:]])
         a = scheduler.alphas_cumprod
-        final = scheduler.final_alpha_cumprod if name != "ddpm" else torch.tensor(1.0)
+        final = scheduler.final_alpha_cumprod if name not in ("ddpm", "lcm") else torch.tensor(1.0)
         sigmas = ((1 - a[ts]) / a[ts]) ** 0.5
         return torch.cat([sigmas, ((1 - final) / final).reshape(1) ** 0.5]), ts
     sigmas = scheduler.sigmas

@@ -132,13 +132,18 @@ class ControlledUNet:
 
     def __call__(self, x, t, context, y=None):
         res = self.residuals(x, t, context, y)
-        u = self.unet
         if res is None:
-            return u(x, t, context) if y is None else u(x, t, context, y)
-        emb = u.embed(t, x.shape[0], y)
-        dtype = emb.dtype
-        h, context = x.to(dtype), context.to(dtype)
-        h, skips = u.encode(h, emb, context)
-        skips = [s + r.to(dtype) for s, r in zip(skips, res)]
-        h = u.middle_block(h, emb, context) + res[-1].to(dtype)
-        return u.out(u.decode(h, skips, emb, context))
+            return self.unet(x, t, context) if y is None else self.unet(x, t, context, y)
+        return with_residuals(self.unet, res, x, t, context, y)
+
+
+def with_residuals(unet, res: list[torch.Tensor], x, t, context, y=None) -> torch.Tensor:
+    """The UNet's output with ControlNet residuals added to its skip connections and, the last one,
+    to its middle block's output."""
+    emb = unet.embed(t, x.shape[0], y)
+    dtype = emb.dtype
+    h, context = x.to(dtype), context.to(dtype)
+    h, skips = unet.encode(h, emb, context)
+    skips = [s + r.to(dtype) for s, r in zip(skips, res)]
+    h = unet.middle_block(h, emb, context) + res[-1].to(dtype)
+    return unet.out(unet.decode(h, skips, emb, context))

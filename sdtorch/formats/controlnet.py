@@ -129,3 +129,12 @@ def load(path: str | Path, like: UNetConfig, *, dtype: torch.dtype = torch.float
 def name_of(path: str | Path) -> str:
     """A1111's model name of a ControlNet file: its stem ('control_v11p_sd15_canny')."""
     return re.sub(r"\.(safetensors|pth|ckpt|pt|bin)$", "", Path(path).name)
+
+
+def save(path: str | Path, model: ControlNet, dtype: torch.dtype | None = None) -> Path:
+    """Write a ControlNet in the original layout (`control_model.*`), as .safetensors, atomically."""
+    from sdtorch.formats.atomic import save_safetensors
+
+    sd = {PREFIX + k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous()
+          for k, v in model.state_dict().items()}
+    return save_safetensors(sd, path, {})

@@ -65,6 +65,22 @@ class ControlNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
+    @classmethod
+    def from_unet(cls, unet: nn.Module, cfg: ControlNetConfig) -> ControlNet:
+        """A ControlNet to train for `unet` (Zhang et al.): its encoder and middle block copied, the
+        hint encoder's last convolution and every zero convolution zero (it starts as no change)."""
+        net = cls(cfg)
+        own = net.state_dict()
+        net.load_state_dict({k: v for k, v in unet.state_dict().items() if k in own} | {
+            k: v for k, v in own.items() if k.startswith(("input_hint_block", "zero_convs", "middle_block_out"))})
+        last = net.input_hint_block[-1]
+        zeros = [last, *(z[0] for z in net.zero_convs), net.middle_block_out[0]]
+        with torch.no_grad():
+            for conv in zeros:
+                conv.weight.zero_()
+                conv.bias.zero_()
+        return net
+
     def forward(self, x: torch.Tensor, hint: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> list[torch.Tensor]:
         """x: (B, in_channels, h, w) the UNet's input latents; hint: (B, hint_channels, h*f, w*f) in

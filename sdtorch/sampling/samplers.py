@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import trange
 
 from sdtorch.config import ScheduleConfig
-from sdtorch.sampling.schedule import init_noise_sigma, ve_latents
+from sdtorch.sampling.lcm import sample_lcm
+from sdtorch.sampling.schedule import init_noise_sigma, sigma_to_t, training_sigmas, ve_latents
 from sdtorch.sampling.schedulers import LABELS, check_scheduler, grid
 
 Model = Callable[..., torch.Tensor]
@@ -294,6 +295,7 @@ SAMPLERS: dict[str, Sampler] = {
     "lms": Sampler(sample_lms, "LMS"),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, "DPM++ 2M", quantize=True),
     "unipc": Sampler(sample_unipc, "UniPC", quantize=True),
+    "lcm": Sampler(sample_lcm, "LCM", quantize=True),
 }
 # sdtorch 0.1's combined names, still accepted: "<sampler>_karras" = that sampler, scheduler "karras".
 ALIASES: dict[str, tuple[str, str]] = {f"{s}_karras": (s, "karras") for s in
@@ -381,6 +383,8 @@ def sample(name: str, make_model: Callable[[bool], Model], noise: torch.Tensor, 
     kwargs = {"eta": eta} if sampler.eta else {}
     if sampler.fn is sample_plms:
         kwargs["combine"] = prediction  # the reference mixes raw model outputs
+    if sampler.fn is sample_lcm:  # its boundary condition needs the timesteps
+        kwargs["timesteps"] = sigma_to_t(sigmas, training_sigmas(schedule), quantize=True).tolist()
     x = sampler.fn(make_model(sampler.quantize), x, sigmas, extra_args, callback, disable,
                    generator=generator, **kwargs)
     if stop is not None and stop < steps and ve_latents(native):

@@ -147,7 +147,14 @@ def _grid_multistep_karras(n: int, cfg: ScheduleConfig) -> torch.Tensor:
     return get_sigmas_karras(n, sigmas[0].item(), sigmas[-1].item())
 
 
+def _grid_lcm(n: int, cfg: ScheduleConfig) -> torch.Tensor:
+    from sdtorch.sampling.lcm import lcm_timesteps
+
+    return _grid(_at(lcm_timesteps(n, cfg.num_train_timesteps).astype(np.float64), cfg), 0.0)
+
+
 GRIDS: dict[str, Callable[[int, ScheduleConfig], torch.Tensor]] = {
+    "lcm": _grid_lcm,
     "ddim": _grid_ddim,
     "plms": _grid_ddim,
     "ddpm": _grid_ddpm,

@@ -297,6 +297,30 @@ def build_emoji_dataset(out_dir: str | Path, size: int = 64, *, fluent: bool = F
 
 # --- Command line: `sdtorch dataset emoji --out DIR [--size 64]` -----------------------------
 
+def held_out_split(data: str | Path, out: str | Path, every: int = 20) -> Path:
+    """A dataset folder `out` with the items of `data` except every `every`-th (0, every, 2 every, ...),
+    which stay held out for evaluation: a metadata.jsonl with absolute paths (no image copied)."""
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    kept = [json.loads(line) for i, line in enumerate(lines) if i % every]
+    for item in kept:
+        item["file_name"] = str((data / item["file_name"]).resolve())
+    (out / "metadata.jsonl").write_text("".join(json.dumps(item) + "\n" for item in kept))
+    return out
+
+
+def held_out_items(data: str | Path, every: int = 20) -> list[tuple[int, Image.Image, str]]:
+    """(index, image, caption) of the items `held_out_split` leaves out."""
+    data = Path(data)
+    items = []
+    for i, line in enumerate((data / "metadata.jsonl").read_text().splitlines()):
+        if i % every == 0:
+            item = json.loads(line)
+            items.append((i, Image.open(data / item["file_name"]).convert("RGB"), item["text"]))
+    return items
+
+
 def add_dataset_command(subparsers) -> None:
     """Add `dataset` to the `sdtorch` subcommands; run it with `cmd_dataset`."""
     parser = subparsers.add_parser("dataset", help="build a training dataset")

@@ -4,6 +4,7 @@
 - `UNetJob`: the noise predictor on latents of a frozen autoencoder, conditioned on a frozen
   text encoder, eps- or v-prediction, with caption dropout so classifier-free guidance works.
 - `LayoutJob`: UNetJob with a colour layout of each image beside the latents (semantic synthesis).
+- `ControlNetJob`: a ControlNet for a frozen model, on control images made from the training images.
 - `LoRAJob`: UNetJob's loss on a frozen model; only LoRA layers (`sdtorch.adapters.lora`) train.
 (The contrastive CLIP job lives in `sdtorch.training.clip_train`, DreamBooth's in `sdtorch.training.dreambooth`.)
 
@@ -211,6 +212,59 @@ class LayoutJob(UNetJob):
 
     def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
         return checkpoint.save(path, ema["unet"], self.vae, self.clip, self.cfg, dtype=dtype)
+
+
+class ControlNetJob(UNetJob):
+    """ControlNet training (Zhang et al. 2023): UNet, VAE and text encoder frozen; a ControlNet
+    copied from the UNet's encoder (its new layers zero, so it starts as no change) learns to steer
+    the UNet with a control image made from each training image by preprocessor `module`
+    (`sdtorch.conditioning.preprocess`). Half the captions are dropped, as in the paper, so that it
+    learns to read the control image alone."""
+
+    def __init__(self, cfg: ModelConfig, vae: AutoencoderKL, clip: ClipTextModel, unet: UNetModel, *,
+                 module: str = "canny", caption_dropout: float = 0.5, embed_channels: tuple[int, ...] | None = None):
+        from sdtorch.models.controlnet import ControlNet, ControlNetConfig
+
+        super().__init__(cfg, vae, clip, unet=unet.eval().requires_grad_(False), caption_dropout=caption_dropout)
+        f = 2 ** (len(cfg.vae.ch_mult) - 1)  # the hint encoder downscales as the VAE does
+        embed = embed_channels or (16, 32, 96, 256)[: f.bit_length()]
+        self.net = ControlNet.from_unet(unet, ControlNetConfig(cfg.unet, embed_channels=embed))
+        self.modules = {"controlnet": self.net}
+        self.module = module
+
+    def hints(self, images: torch.Tensor) -> torch.Tensor:
+        """Training images (B, 3, H, W) in [-1, 1] -> their control images (B, 3, H, W) in [0, 1]."""
+        import numpy as np
+        from PIL import Image
+
+        from sdtorch.conditioning.preprocess import preprocess
+
+        out = []
+        for x in images:
+            pixels = ((x.permute(1, 2, 0).float().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            hint = np.asarray(preprocess(self.module, Image.fromarray(pixels)), dtype=np.float32) / 255
+            out.append(torch.from_numpy(hint).permute(2, 0, 1))
+        return torch.stack(out)
+
+    def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        from sdtorch.adapters.control import with_residuals
+
+        net = batch["models"]["controlnet"]
+        z0, context = self.condition(batch["image"], batch["text"], seeds, batch.get("index"))
+        hint = self.hints(batch["image"])
+
+        def controlled(x, t, c):
+            return with_residuals(self.unet, net(x, hint, t, c), x, t, c)
+
+        return self.denoising_loss(controlled, z0, context, seeds), {}
+
+    def samples(self, ema: dict[str, nn.Module], step: int):
+        return None
+
+    def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype | None = None) -> Path:
+        from sdtorch.formats import controlnet
+
+        return controlnet.save(path, ema["controlnet"], dtype)
 
 
 def widen_input(unet: UNetModel, cfg) -> UNetModel:
