@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("runs/controlnet/emoji64"))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--picture", type=Path, default=None)
+    p.add_argument("--picture-only", action="store_true", help="draw the picture, skip the scores")
     args = p.parse_args()
     if not (args.data / "metadata.jsonl").exists():
         from sdtorch.training.data import build_emoji_dataset
@@ -76,7 +77,7 @@ def main() -> None:
     items = held_out_items(args.data)[: args.limit]
     scores = {"with the ControlNet": [], "without it": [], "with another emoji's edges": []}
     t0 = time.perf_counter()
-    for n, (i, image, text) in enumerate(items):
+    for n, (i, image, text) in enumerate([] if args.picture_only else items):
         control = preprocess("canny", image)
         other = preprocess("canny", items[(n + len(items) // 2) % len(items)][1])
         target = edges(image)
@@ -84,21 +85,22 @@ def main() -> None:
             units = () if hint is None else (ControlUnit(net, hint, module="canny"),)
             out = pipe.run(GenerationRequest(text, seed=i, controls=units, **COMMON)).images[0]
             scores[name].append(edge_f1(target, edges(out)))
-    print(f"{len(items)} held-out emoji, {time.perf_counter() - t0:.0f} s; edge F1 (2-px tolerance) against the "
-          "emoji's own canny edges:")
-    for name, values in scores.items():
+    for name, values in scores.items() if not args.picture_only else ():
+        if name == "with the ControlNet":
+            print(f"{len(items)} held-out emoji, {time.perf_counter() - t0:.0f} s; edge F1 (2-px tolerance) against "
+                  "the emoji's own canny edges:")
         print(f"  {name:30s} {statistics.mean(values):.3f}  (median {statistics.median(values):.3f})")
     if args.picture:
         rows = [(preprocess("canny", img), text) for _, img, text in items[:6]] + drawn()
         cell, pad = 64, 4
-        sheet = Image.new("RGB", (pad + 5 * (cell + pad), pad + len(rows) * (cell + pad)), "white")
+        sheet = Image.new("RGB", (pad + 4 * (cell + pad), pad + len(rows) * (cell + pad)), "white")
         for r, (hint, text) in enumerate(rows):
             y = pad + r * (cell + pad)
             sheet.paste(hint, (pad, y))
             out = pipe.run(GenerationRequest(text, seed=r, batch_size=3, seed_mode="a1111",
                                              controls=(ControlUnit(net, hint, module="canny"),), **COMMON))
             for c, im in enumerate(out.images):
-                sheet.paste(im, (pad + (c + 2) * (cell + pad), y))
+                sheet.paste(im, (pad + (c + 1) * (cell + pad), y))
         sheet.save(args.picture)
         print(f"wrote {args.picture} (rows: {', '.join(t for _, t in rows)})")
 

@@ -6,7 +6,7 @@ image's own layout is compared with the input's: mean IoU over the input's colou
 result's cells assigned to the nearest input colour). Beside it, in the same run: the built-in
 text-only model given the name alone (what text gets without a layout), and the layout model
 given another emoji's layout (chance: the IoU against the layout it did not get). Also draws
-docs/layout.png: input layouts and four results each.
+docs/layout.png: sources (held-out emoji, then two drawings), their layouts and four results each.
 
 Usage: python benchmarks/layout.py [--data DIR] [--limit N] [--picture docs/layout.png]
 """
@@ -58,12 +58,13 @@ def picture(layout_pipe, items, path: Path) -> None:
     sheet = Image.new("RGB", (pad + 6 * (cell + pad), pad + len(rows) * (cell + pad)), "white")
     for r, (image, text) in enumerate(rows):
         y = pad + r * (cell + pad)
-        sheet.paste(show(grid_of(image)), (pad, y))
+        sheet.paste(image.resize((cell, cell)), (pad, y))
+        sheet.paste(show(grid_of(image)), (pad + cell + pad, y))
         out = layout_pipe.run(GenerationRequest(text, layout=image, seed=r, batch_size=4, seed_mode="a1111", **COMMON))
         for c, im in enumerate(out.images):
             sheet.paste(im, (pad + (c + 2) * (cell + pad), y))
     sheet.save(path)
-    print(f"wrote {path} (columns: layout, -, four seeds; rows: {', '.join(t for _, t in rows)})")
+    print(f"wrote {path} (columns: source, its layout, four seeds; rows: {', '.join(t for _, t in rows)})")
 
 
 def main() -> None:
@@ -79,7 +80,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     layout_pipe, text_pipe = sdtorch.load(BUILTIN_LAYOUT), sdtorch.load()
     items = held_out_items(args.data)[: args.limit]
-    scores = {"layout model, its layout": [], "text-only built-in model": [], "layout model, another emoji's layout": []}
+    names = ("layout model, its layout", "text-only built-in model", "layout model, another emoji's layout")
+    scores = {name: [] for name in names}
+    fore = {name: [] for name in names}
     t0 = time.perf_counter()
     for n, (i, image, text) in enumerate(items):
         target = grid_of(image)
@@ -87,13 +90,14 @@ def main() -> None:
         with_layout = layout_pipe.run(GenerationRequest(text, layout=image, seed=i, **COMMON)).images[0]
         text_only = text_pipe.run(GenerationRequest(text, seed=i, **COMMON)).images[0]
         wrong = layout_pipe.run(GenerationRequest(text, layout=other, seed=i, **COMMON)).images[0]
-        scores["layout model, its layout"].append(layout_iou(target, grid_of(with_layout)))
-        scores["text-only built-in model"].append(layout_iou(target, grid_of(text_only)))
-        scores["layout model, another emoji's layout"].append(layout_iou(target, grid_of(wrong)))
+        for name, out in zip(names, (with_layout, text_only, wrong)):
+            scores[name].append(layout_iou(target, grid_of(out)))
+            fore[name].append(layout_iou(target, grid_of(out), background=False))
     print(f"{len(items)} held-out emoji, {time.perf_counter() - t0:.0f} s; mean IoU with the emoji's own layout "
-          "(16x16 cells, 4 colours):")
-    for name, values in scores.items():
-        print(f"  {name:40s} {statistics.mean(values):.3f}  (median {statistics.median(values):.3f})")
+          "(16x16 cells, 4 colours), all segments / without the background one:")
+    for name in names:
+        print(f"  {name:40s} {statistics.mean(scores[name]):.3f} / {statistics.mean(fore[name]):.3f}  "
+              f"(medians {statistics.median(scores[name]):.3f} / {statistics.median(fore[name]):.3f})")
     if args.picture:
         picture(layout_pipe, items, args.picture)
 

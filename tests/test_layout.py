@@ -111,3 +111,28 @@ def test_command_line_layout(layout_model, tmp_path):
                  "--seed", "3", "--sampler", "euler", "--out", str(tmp_path / "out")]) == 0
     out, = (tmp_path / "out").glob("*.png")
     assert "Layout hash: " in Image.open(out).info["parameters"]
+
+
+def test_the_built_in_layout_model_follows_a_drawn_layout(tmp_path):
+    """The shipped model (UNet only, on the built-in model's VAE and text encoder) paints a red disc
+    where the layout has one and a blue one where it has that; the command line finds it by default."""
+    from sdtorch.cli import main
+    from sdtorch.generate.loading import BUILTIN_LAYOUT
+
+    pipe = sdtorch.load(BUILTIN_LAYOUT)
+    assert describe(pipe.config) == "custom (emoji-layout) layout" and BUILTIN_LAYOUT.stat().st_size < 40e6
+    colours = {}
+    for name, fill in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
+        layout = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(layout).ellipse((12, 12, 52, 52), fill=fill)
+        out = pipe.run(GenerationRequest("circle", layout=layout, steps=10, seed=0, width=64, height=64)).images[0]
+        px = np.asarray(out, np.float32)
+        colours[name] = (px[24:40, 24:40].mean(axis=(0, 1)), px[:6, :6].mean())
+    (red, red_corner), (blue, blue_corner) = colours["red"], colours["blue"]
+    assert red[0] > red[2] + 60 and blue[2] > blue[0] + 60  # the disc's colour follows the layout
+    assert red_corner > 200 and blue_corner > 200  # the white background stays white
+    layout_file = tmp_path / "map.png"
+    Image.new("RGB", (64, 64), (40, 160, 40)).save(layout_file)
+    assert main(["generate", "a leaf", "--layout", str(layout_file), "--steps", "4", "--seed", "1",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

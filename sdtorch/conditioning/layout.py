@@ -48,18 +48,21 @@ def segments(layout: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
     return torch.cdist(layout.flatten(1).T, palette).argmin(dim=1).reshape(layout.shape[1:])
 
 
-def mean_iou(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
-    """Mean over the segments present in `a` of |a = s and b = s| / |a = s or b = s| ((h, w) indices)."""
+def mean_iou(a: torch.Tensor, b: torch.Tensor, k: int, skip: int | None = None) -> float:
+    """Mean over the segments present in `a` (but `skip`) of |a = s and b = s| / |a = s or b = s|
+    ((h, w) indices); 0 when no segment is left."""
     scores = []
     for s in range(k):
         inside, other = a == s, b == s
-        if inside.any():
+        if inside.any() and s != skip:
             scores.append((inside & other).sum().item() / (inside | other).sum().item())
-    return sum(scores) / len(scores)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
-def layout_iou(target: torch.Tensor, result: torch.Tensor) -> float:
+def layout_iou(target: torch.Tensor, result: torch.Tensor, background: bool = True) -> float:
     """How well an image follows a layout: both (3, h, w) layouts; the result's cells are assigned to
-    the nearest of the target's colours and compared with the target's segments (mean IoU)."""
+    the nearest of the target's colours and compared with the target's segments (mean IoU).
+    background=False leaves out the segment of the top-left cell (an emoji's white background)."""
     palette = target.flatten(1).T.unique(dim=0)
-    return mean_iou(segments(target, palette), segments(result, palette), len(palette))
+    a, b = segments(target, palette), segments(result, palette)
+    return mean_iou(a, b, len(palette), None if background else int(a[0, 0]))
