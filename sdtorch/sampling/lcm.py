@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
+from sdtorch.sampling.noise import step_noise
+
 ORIGINAL_STEPS = 50  # diffusers' original_inference_steps (the distillation schedule)
 TIMESTEP_SCALING = 10.0
 SIGMA_DATA = 0.5
@@ -34,15 +36,14 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     """`timesteps`: the grid's integer timesteps, for the boundary condition (`sample` passes them;
     None: c_skip = 0, c_out = 1, as k-diffusion-style LCM samplers take it). In VE space the VP
     sample the boundary condition mixes in is x / sqrt(1 + sigma^2)."""
-    from sdtorch.sampling.samplers import _randn, _report
-
     extra_args, s_in = extra_args or {}, x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = sigmas[i].item()
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, x, i, sigmas[i], denoised)
+        if callback is not None:  # the samplers' step report
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         c_skip, c_out = (0.0, 1.0) if timesteps is None else boundary(float(timesteps[i]))
         x = c_out * denoised + c_skip * x / (1 + sigma**2) ** 0.5
         if sigmas[i + 1] > 0:
-            x = x + sigmas[i + 1] * _randn(x, generator)
+            x = x + sigmas[i + 1] * step_noise(x, generator)
     return x

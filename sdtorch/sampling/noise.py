@@ -101,3 +101,12 @@ def initial_noise(shape: tuple[int, int, int, int], seed: int, *, mode: str = "d
         sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed), dtype=torch.float32)
         noise = torch.stack([slerp(subseed_strength, n, s) for n, s in zip(noise, sub)])
     return generator, noise
+
+
+def step_noise(x: torch.Tensor, generator) -> torch.Tensor:
+    """A sampler step's noise draw shaped like x, on the generator's device (diffusers'
+    `randn_tensor`); per image from an `ImageNoise` (A1111's seed mode)."""
+    if hasattr(generator, "randn_like"):
+        return generator.randn_like(x)
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)

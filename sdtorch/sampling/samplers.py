@@ -35,19 +35,11 @@ from tqdm.auto import trange
 
 from sdtorch.config import ScheduleConfig
 from sdtorch.sampling.lcm import sample_lcm
+from sdtorch.sampling.noise import step_noise
 from sdtorch.sampling.schedule import init_noise_sigma, sigma_to_t, training_sigmas, ve_latents
 from sdtorch.sampling.schedulers import LABELS, check_scheduler, grid
 
 Model = Callable[..., torch.Tensor]
-
-
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One noise draw shaped like x, on the generator's device (diffusers' `randn_tensor`); per
-    image from an `ImageNoise` (A1111's seed mode)."""
-    if hasattr(generator, "randn_like"):
-        return generator.randn_like(x)
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 def _report(callback, x, i, sigma, denoised) -> None:
@@ -87,7 +79,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         sigma_down, sigma_up = ancestral_step(float(sigmas[i]), float(sigmas[i + 1]), eta)
         x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if eta > 0:
-            x = x + _randn(x, generator) * sigma_up
+            x = x + step_noise(x, generator) * sigma_up
     return x
 
 
