@@ -115,7 +115,8 @@ def test_command_line_layout(layout_model, tmp_path):
 
 def test_the_built_in_layout_model_follows_a_drawn_layout(tmp_path):
     """The shipped model (UNet only, on the built-in model's VAE and text encoder) paints a red disc
-    where the layout has one and a blue one where it has that; the command line finds it by default."""
+    where the layout has one and a blue one where it has that, for a prompt that names no colour
+    ("circle" would: the red circle emoji wins over a blue layout); the command line finds it by default."""
     from sdtorch.cli import main
     from sdtorch.generate.loading import BUILTIN_LAYOUT
 
@@ -125,7 +126,7 @@ def test_the_built_in_layout_model_follows_a_drawn_layout(tmp_path):
     for name, fill in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
         layout = Image.new("RGB", (64, 64), "white")
         ImageDraw.Draw(layout).ellipse((12, 12, 52, 52), fill=fill)
-        out = pipe.run(GenerationRequest("circle", layout=layout, steps=10, seed=0, width=64, height=64)).images[0]
+        out = pipe.run(GenerationRequest("disc", layout=layout, steps=10, seed=0, width=64, height=64)).images[0]
         px = np.asarray(out, np.float32)
         colours[name] = (px[24:40, 24:40].mean(axis=(0, 1)), px[:6, :6].mean())
     (red, red_corner), (blue, blue_corner) = colours["red"], colours["blue"]

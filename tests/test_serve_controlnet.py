@@ -81,7 +81,9 @@ def test_webuiapi_controlnet_matches_the_python_api(live, builtin):
     source = shape_image()
     unit = webuiapi.ControlNetUnit(image=source, module="canny", model=title, weight=0.8, threshold_a=100,
                                    threshold_b=200, processor_res=64, guidance_end=0.75)
-    r = api.txt2img(**PROMPT, controlnet_units=[unit])
+    # Each call gets its own alwayson_scripts: webuiapi would otherwise store the units in its
+    # default dict, and every later call in this process (other tests' too) would send them.
+    r = api.txt2img(**PROMPT, controlnet_units=[unit], alwayson_scripts={})
     assert len(r.images) == 2  # the image, then the detected map (save_detected_map defaults to True)
     edges = preprocess("canny", source, 100, 200)
     assert np.array_equal(pixels(r.images[1]), pixels(edges))
@@ -91,7 +93,7 @@ def test_webuiapi_controlnet_matches_the_python_api(live, builtin):
         prompt=PROMPT["prompt"], seed=PROMPT["seed"], steps=4, sampler="euler", scheduler="automatic", width=64,
         height=64, cfg_scale=6, seed_mode="a1111", controls=(ControlUnit(model, edges, 0.8, 0.0, 0.75, "balanced", "fill", module="canny"),)))
     assert np.array_equal(pixels(r.image), pixels(ours.images[0])), "the server and the Python API disagree"
-    plain = api.txt2img(**PROMPT, alwayson_scripts={})  # a fresh dict: webuiapi's default one keeps the last units
+    plain = api.txt2img(**PROMPT, alwayson_scripts={})
     assert np.abs(pixels(plain.image) - pixels(r.image)).max() > 5  # the ControlNet acted
 
     fields = parse_infotext(r.info["infotexts"][0])
@@ -108,8 +110,9 @@ def test_img2img_unit_without_an_image_is_controlled_by_the_init_image(live):
     title = "cn_emoji"  # the name alone also finds it
     init = shape_image()
     common = dict(images=[init], prompt="an apple", seed=2, steps=4, width=64, height=64, denoising_strength=0.8)
-    given = api.img2img(**common, controlnet_units=[webuiapi.ControlNetUnit(image=init, model=title)])
-    implied = api.img2img(**common, controlnet_units=[webuiapi.ControlNetUnit(model=title)])
+    given = api.img2img(**common, controlnet_units=[webuiapi.ControlNetUnit(image=init, model=title)],
+                        alwayson_scripts={})
+    implied = api.img2img(**common, controlnet_units=[webuiapi.ControlNetUnit(model=title)], alwayson_scripts={})
     assert len(given.images) == len(implied.images) == 1  # module "none": no map
     assert np.array_equal(pixels(given.image), pixels(implied.image))
 
