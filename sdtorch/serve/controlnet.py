@@ -104,26 +104,36 @@ class ControlNets:
         self.directory = Path(directory) if directory else None
         self.keep = keep
         self._loaded: OrderedDict[tuple, Any] = OrderedDict()
+        self._hashes: dict[tuple, str] = {}  # (path, size, mtime) -> legacy hash
         self._lock = threading.Lock()
 
     def entries(self) -> list[ControlNetFile]:
-        """Read from the folder each time (files added while serving are offered at once)."""
+        """Read from the folder each time (files added while serving are offered at once); each file's
+        hash is read once while its size and modification time stay the same."""
         if self.directory is None or not self.directory.is_dir():
             return []
         found = []
         for path in sorted(self.directory.rglob("*")):
             if path.is_file() and path.suffix in SUFFIXES and not (path.parent / "config.json").is_file():
-                found.append(ControlNetFile(path.stem, path, legacy_hash(path)))
+                found.append(ControlNetFile(path.stem, path, self._hash(path)))
             elif path.is_dir() and (path / "config.json").is_file() and (weights := _weights(path)):
-                found.append(ControlNetFile(path.name, path, legacy_hash(weights)))
+                found.append(ControlNetFile(path.name, path, self._hash(weights)))
         return found
+
+    def _hash(self, path: Path) -> str:
+        st = path.stat()
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = legacy_hash(path)
+        return self._hashes[key]
 
     def find(self, name: str) -> ControlNetFile:
         bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name
-        for entry in self.entries():
+        entries = self.entries()
+        for entry in entries:
             if name == entry.title or bare == entry.name:
                 return entry
-        offered = ", ".join(e.title for e in self.entries()) or "none (put ControlNet files in --controlnet-dir)"
+        offered = ", ".join(e.title for e in entries) or "none (put ControlNet files in --controlnet-dir)"
         raise KeyError(f"unknown ControlNet model {name!r}; this server offers: {offered}")
 
     def load(self, name: str, pipe) -> Any:

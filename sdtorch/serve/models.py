@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtorch.families import CONCAT
 from sdtorch.formats.atomic import atomic_write
 from sdtorch.formats.files import sha256
 from sdtorch.generate import Pipeline, load
@@ -177,18 +178,23 @@ class Models:
 
 
 def _is_upscaler(path: Path) -> bool:
+    """Whether a checkpoint's UNet is of the x4-upscaler kind (`families.CONCAT`), from its input
+    channels and whether it has a class embedding."""
     if path.is_dir():
         config = path / "unet" / "config.json"
         d = json.loads(config.read_text()) if config.is_file() else {}
-        return d.get("in_channels") == 7 and bool(d.get("num_class_embeds"))
-    if path.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
+        shape = (d.get("in_channels"), bool(d.get("num_class_embeds")))
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-    key = "model.diffusion_model.input_blocks.0.0.weight"
-    with safe_open(str(path), "pt") as f:
-        keys = set(f.keys())
-        return key in keys and f.get_slice(key).get_shape()[1] == 7 and "model.diffusion_model.label_emb.weight" in keys
+        key = "model.diffusion_model.input_blocks.0.0.weight"
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            channels = f.get_slice(key).get_shape()[1] if key in keys else None
+        shape = (channels, "model.diffusion_model.label_emb.weight" in keys)
+    else:
+        return False
+    return CONCAT.get(shape) == "x4-upscaler"
 
 
 def default_lora_dir(models_dir: str | None) -> Path | None:
