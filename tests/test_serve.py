@@ -380,3 +380,13 @@ def test_events_stream_steps_and_previews(client):
     assert steps == [1, 2, 3, 4], seen
     previews = [e for e in seen if "preview" in e]
     assert previews and previews[0]["preview"].startswith("data:image/png;base64,")
+
+
+def test_token_merging_ratio(client):
+    body = {**SMALL, "prompt": "a red apple", "token_merging_ratio": 0.5}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert "Token merging ratio: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
+    for bad in ({"token_merging_ratio": 1.2}, {"token_merging_ratio": 0.5, "token_merging_ratio_hr": 0.3}):
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "x", **bad})
+        assert r.status_code == 422 and "token_merging_ratio" in r.text

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sdtorch.cli.control import control_unit
+from sdtorch.cli.speed import speed_options
 from sdtorch.sampling import samplers
 from sdtorch.sampling.schedulers import SCHEDULERS
 
@@ -43,6 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="automatic", choices=SCHEDULERS,
                    help="spacing of the noise levels (automatic: the sampler's own, as in diffusers)")
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 turns guidance off")
+    speed_options(p)
     p.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--seed-mode", choices=["diffusers", "a1111"], default="diffusers",
@@ -56,16 +58,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: detected/guessed")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="weights and activations; bf16 is the fast CPU path (norms and sampler state stay fp32)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (the first step compiles for a minute or more; on a 2-core "
-                   "AVX-512 CPU the steps measured no faster, see README Speed)")
-    p.add_argument("--deep-cache", type=int, default=0, metavar="N",
-                   help="DeepCache: run the whole UNet every N-th call, reuse its deep features in between "
-                   "(an approximation, faster; default 0: off)")
-    p.add_argument("--deep-cache-branch", type=int, default=0, metavar="B",
-                   help="DeepCache: how many skip levels the cached calls still compute (default 0: the shallowest)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
+                   help="weights and activations; bf16 is the fast CPU path (norms and sampler state stay fp32); "
+                   "int8: the UNet quantized by PT2E after calibration runs (minutes; pip install torchao)")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA file (kohya/A1111/ComfyUI/Civitai or diffusers format) with a "
@@ -96,16 +91,22 @@ def _memory_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=_positive_int, default=None, metavar="N",
                    help="VAE tile side in latent cells (default 64: 512 pixels for SD)")
     p.add_argument("--tile-overlap", type=int, default=None, metavar="N", help="cells tiles share (default 16)")
+    p.add_argument("--decoder", choices=["vae", "tiny"], default="vae",
+                   help="tiny: a TAESD-style decoder, fast and approximate (the built-in model ships one)")
+    p.add_argument("--tiny-decoder", metavar="PATH", help="its file (taesd_decoder / taesdxl_decoder)")
     p.add_argument("--attention-chunk", type=int, default=0, metavar="N",
                    help="UNet attention over N query positions at a time (default 0: all at once)")
 
 
 def _set_memory_options(pipe, args: argparse.Namespace) -> None:
+    from sdtorch.generate.loading import load_tiny_decoder
     tile = args.tile_size or pipe.vae_tile[0]
     overlap = pipe.vae_tile[1] if args.tile_overlap is None else args.tile_overlap
     if not 0 <= overlap < tile:
         raise ValueError(f"--tile-overlap must be in [0, tile size {tile}), got {overlap}")
     pipe.tile_vae, pipe.vae_tile = args.tile_vae, (tile, overlap)
+    if args.decoder == "tiny" or args.tiny_decoder:
+        pipe.tiny_decoder = load_tiny_decoder(args.tiny_decoder, pipe)
     pipe.attention_chunk = args.attention_chunk
     pipe.low_memory = args.low_memory
 
@@ -214,11 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdtorch.cli.recall import apply_infotext, apply_style_options
+    from sdtorch.cli.speed import apply_preset
     from sdtorch.editing import inspect, p2p
     from sdtorch.editing.pictures import attention_grid, save_process
     from sdtorch.generate.loading import BUILTIN_LAYOUT, load
     from sdtorch.generate.params import GenerationParams, validate
 
+    if getattr(args, "preset", None):
+        apply_preset(args, args.argv)
     if getattr(args, "from_png", None):
         apply_infotext(args, args.argv)
     if args.prompt is None and getattr(args, "condition", None):
@@ -236,9 +240,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--deep-cache and --deep-cache-branch must be >= 0, got {args.deep_cache}, "
                          f"{args.deep_cache_branch}")
     path = args.checkpoint or (BUILTIN_LAYOUT if getattr(args, "layout", None) else None)
-    pipe = load(path, prediction=args.prediction, dtype=args.dtype, compile=args.compile)
+    dtype = "fp32" if args.dtype == "int8" else args.dtype  # int8: the UNet quantized from fp32
+    pipe = load(path, prediction=args.prediction, dtype=dtype, compile=args.compile or False)
+    if args.dtype == "int8":
+        from sdtorch.generate.quantized import quantize_pipeline
+        w, h = (n or pipe.config.sample_size for n in size)  # img2img: the native size (else eager)
+        pipe._compiled = quantize_pipeline(pipe, w, h, args.batch)
     _set_memory_options(pipe, args)
-    args.refiner_pipe = load(args.refiner, dtype=args.dtype) if args.refiner else None
+    args.refiner_pipe = load(args.refiner, dtype=dtype) if args.refiner else None
     args.control_units = tuple(control_unit(spec, pipe, args) for spec in args.control)
     pipe.deep_cache = (args.deep_cache, args.deep_cache_branch) if args.deep_cache > 1 else None
     for spec in args.lora:
@@ -314,6 +323,8 @@ def _request(args: argparse.Namespace, seed: int):
         prompt_syntax=args.prompt_syntax, init_image=init, mask=mask,
         strength=getattr(args, "strength", 0.75), deep_cache=args.deep_cache if args.deep_cache > 1 else 0,
         deep_cache_branch=args.deep_cache_branch, tile_vae=args.tile_vae, attention_chunk=args.attention_chunk,
+        decoder=args.decoder, timestep_spacing=args.timestep_spacing, token_merging_ratio=args.tome,
+        tome_options=(args.tome_max_downsample, 2, 2),
         seed_mode=args.seed_mode, subseed=-1 if args.subseed is None else args.subseed,
         subseed_strength=args.subseed_strength, seed_resize_from=_size(args.seed_resize_from), tiling=args.tiling,
         hires=_hires(args), condition=condition(getattr(args, "condition", None)),

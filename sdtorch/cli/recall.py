@@ -25,11 +25,12 @@ FIELDS = {
     "Denoising strength": ("strength", ("--strength",), float),
     "Variation seed": ("subseed", ("--subseed",), int),
     "Variation seed strength": ("subseed_strength", ("--subseed-strength",), float),
+    "Timestep spacing": ("timestep_spacing", ("--timestep-spacing",), str),
 }
 UNSUPPORTED = ("Hires upscale", "Hires steps", "Hires resize-1")
 
 
-def _given(argv: list[str], flags: tuple[str, ...]) -> bool:
+def given(argv: list[str], flags: tuple[str, ...]) -> bool:
     return any(a == f or a.startswith(f + "=") for a in argv for f in flags)
 
 
@@ -54,14 +55,14 @@ def apply_infotext(args: argparse.Namespace, argv: list[str]) -> None:
             continue
         if dest == "prompt" and args.prompt is not None:
             continue
-        if flags and _given(argv, flags):
+        if flags and given(argv, flags):
             continue
         setattr(args, dest, kind(fields[key]))
-    if "Sampler" in fields and not _given(argv, ("--sampler", "--scheduler")):
+    if "Sampler" in fields and not given(argv, ("--sampler", "--scheduler")):
         args.sampler, args.scheduler = samplers.from_a1111(fields["Sampler"], fields.get("Schedule type"))
-    if fields.get("Tiling") == "True" and not _given(argv, ("--tiling",)):
+    if fields.get("Tiling") == "True" and not given(argv, ("--tiling",)):
         args.tiling = True
-    if "Size" in fields and hasattr(args, "width") and not _given(argv, ("--width", "--height")):
+    if "Size" in fields and hasattr(args, "width") and not given(argv, ("--width", "--height")):
         args.width, args.height = (int(v) for v in fields["Size"].split("x"))
 
 

@@ -57,6 +57,10 @@ def infotext(pipe, p, index: int = 0) -> str:
         fields["TI hashes"] = _quote(", ".join(f"{w}: {sha256(pipe.embedding_files[w])[:12]}" for w in used))
     if pipe.deep_cache is not None:  # it changes the image: say so
         fields["DeepCache"] = f"interval {pipe.deep_cache[0]} branch {pipe.deep_cache[1]}"
+    if pipe.decoder != "vae":
+        fields["Decoder"] = pipe.decoder
+    if getattr(pipe._compiled, "backend", None):
+        fields["Backend"] = pipe._compiled.backend
     if pipe.dtype != torch.float32:
         fields["Precision"] = str(pipe.dtype).removeprefix("torch.")
     for i, unit in enumerate(p.controls):  # as sd-webui-controlnet writes them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from sdtorch.families import describe
 from sdtorch.formats import checkpoint
 from sdtorch.generate.pipeline import Pipeline
 from sdtorch.models.clip import ClipTextModel
+from sdtorch.models.taesd import TinyDecoder, config_from_keys, taesd_keys
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
 
@@ -24,10 +26,16 @@ BUILTIN = Path(__file__).parents[1] / "data" / "emoji.safetensors"
 # The built-in layout model (semantic synthesis, `scripts/train_layout.py`): a UNet for BUILTIN's VAE and text encoder.
 BUILTIN_LAYOUT = BUILTIN.with_name("emoji_layout.safetensors")
 
+# The built-in model's tiny decoder (`scripts/train_tiny_decoder.py`, TAESD's design for its 4x VAE).
+BUILTIN_TINY = BUILTIN.with_name("emoji_taesd.safetensors")
+
+# where `--compile openvino` keeps converted UNet graphs (per model hash and shape)
+OPENVINO_CACHE = Path(os.environ.get("SDTORCH_CACHE", Path.home() / ".cache" / "sdtorch")) / "openvino"
+
 
 def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
          prediction: Prediction | None = None, dtype: torch.dtype | str = torch.float32,
-         device: str | torch.device = "cpu", compile: bool = False) -> Pipeline:
+         device: str | torch.device = "cpu", compile: bool | str = False) -> Pipeline:
     """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder; with no path,
     the built-in emoji model shipped in the package (64x64, trained by `scripts/train_builtin.sh`).
 
@@ -62,8 +70,8 @@ def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
                     path=Path(path), prediction_source=ckpt.prediction_source, clip2=clip2)
     if ckpt.encoder_spec is not None:
         pipe.condition_encoder = _condition_encoder(ckpt, device)
-    if compile:
-        pipe.compile()
+    if compile:  # True: inductor; or a backend's name (`Pipeline.compile`)
+        pipe.compile("inductor" if compile is True else compile, cache_dir=OPENVINO_CACHE)
     return pipe
 
 
@@ -77,3 +85,28 @@ def _condition_encoder(ckpt, device) -> torch.nn.Module:
         raise checkpoint.CheckpointError(f"{ckpt.path}: bad condition-encoder spec in the metadata: {e}") from None
     checkpoint.load_strict(encoder, ckpt.encoder, "condition encoder", torch.float32)
     return encoder.eval().to(device)
+
+
+def load_tiny_decoder(path: str | Path | None, pipe: Pipeline) -> TinyDecoder:
+    """A TAESD-layout decoder file (taesd_decoder.safetensors / .pth, taesdxl_decoder, a diffusers
+    AutoencoderTiny file) for `pipe`, checked against its latent space, in its dtype; with no path,
+    the built-in model's own (only for the built-in model)."""
+    if path is None:
+        if pipe.path is None or pipe.path.resolve() != BUILTIN.resolve():
+            raise FileNotFoundError("--decoder tiny needs --tiny-decoder PATH for this model (TAESD's "
+                                    "taesd_decoder.safetensors for SD 1.x/2.x, taesdxl_decoder.safetensors for SDXL)")
+        path = BUILTIN_TINY
+    sd, _ = checkpoint.read_state_dict(path)
+    sd = taesd_keys(sd)
+    try:
+        cfg = config_from_keys(sd)
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{path}: {e}") from None
+    if cfg.latent_channels != pipe.config.vae.z_channels or 2**cfg.upsamples != pipe.vae.downscale:
+        raise checkpoint.CheckpointError(
+            f"{path}: a tiny decoder for {cfg.latent_channels}-channel latents upscaling {2**cfg.upsamples}x, but "
+            f"this model's latents have {pipe.config.vae.z_channels} channels and its VAE upscales {pipe.vae.downscale}x")
+    with torch.device("meta"):
+        decoder = TinyDecoder(cfg)
+    checkpoint.load_strict(decoder, sd, "tiny decoder", pipe.dtype)
+    return decoder.eval().to(pipe.device)

@@ -37,6 +37,11 @@ class GenerationParams:
     micro: Micro | None = None  # SDXL's size / crop / aesthetic conditioning; None: the image's size
     negative_micro: Micro | None = None  # the negative side's; None: the prompt's, aesthetic score 2.5
     controls: tuple = ()  # `sdtorch.adapters.control.ControlUnit`s
+    timestep_spacing: str | None = None  # None: the model's schedule's
+
+    def schedule(self, base):
+        """The model's `ScheduleConfig` with this run's timestep spacing."""
+        return base if self.timestep_spacing is None else replace(base, timestep_spacing=self.timestep_spacing)
 
     def micro_of(self, negative: bool = False) -> Micro:
         """The micro-conditioning of one side, defaults filled in (as diffusers' SDXL pipelines)."""

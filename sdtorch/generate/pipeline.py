@@ -74,7 +74,10 @@ class Pipeline:
         # than tiling.AUTO_CELLS latent cells; tile size and overlap in latent cells.
         self.tile_vae: bool | None = None
         self.vae_tile = (tiling.TILE, tiling.OVERLAP)
+        self.tiny_decoder: torch.nn.Module | None = None  # TAESD-style (`generate.loading.load_tiny_decoder`)
+        self.decoder = "vae"  # or "tiny": decode() with the tiny decoder
         self._compiled: CompiledModule | None = None  # `compile()`
+        self._vae_decode = None  # the VAE decode through OpenVINO (`compile("openvino")`)
         # DeepCache (sdtorch.adapters.deepcache): (interval, branch) reuses deep UNet features between
         # full calls; an approximation, None = off.
         self.deep_cache: tuple[int, int] | None = None
@@ -89,11 +92,20 @@ class Pipeline:
 
         return run(self, request, on_step=on_step, cancel=cancel, progress=progress, callback=callback)
 
-    def compile(self) -> None:
-        """Run the UNet through torch.compile (inductor) in the denoising loop. The first call
-        at a new shape compiles (minutes for SD on a small CPU); where compiling is impossible
-        (no C++ compiler, an unsupported op) it warns once and runs eagerly."""
-        self._compiled = CompiledModule(self.unet)
+    def compile(self, backend: str = "inductor", cache_dir: str | Path | None = None) -> None:
+        """Run the UNet through torch.compile (backend "inductor") or OpenVINO's CPU runtime
+        ("openvino": the UNet and the VAE decode, `sdtorch.adapters.openvino`; converted graphs
+        kept in `cache_dir`). The first call at a new shape compiles (minutes for SD on a small
+        CPU); where inductor cannot compile (no C++ compiler, an unsupported op) it warns once and
+        runs eagerly."""
+        if backend == "openvino":
+            from sdtorch.adapters.openvino import compile_pipeline
+
+            self._compiled, self._vae_decode = compile_pipeline(self, cache_dir)
+        elif backend == "inductor":
+            self._compiled = CompiledModule(self.unet)
+        else:
+            raise ValueError(f"unknown compile backend {backend!r}: inductor or openvino")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,7 +221,7 @@ class Pipeline:
             return wrap(model) if wrap else model
 
         return samplers.sample(
-            params.sampler, make_model, noise.to(self.device), params.steps, self.config.schedule,
+            params.sampler, make_model, noise.to(self.device), params.steps, params.schedule(self.config.schedule),
             extra_args={"cond": text.cond, "uncond": text.uncond}, callback=callback, generator=generator,
             eta=params.eta, disable=not progress, prediction=self.config.prediction, init=init, start=start,
             scheduler=params.scheduler, stop=stop, noised=noised,
@@ -271,6 +283,8 @@ class Pipeline:
         """Latents -> images (B, 3, H, W) in [0, 1], one image at a time (the memory of one, and
         pixels that do not depend on what else is in the batch). tiled: decode in overlapping
         tiles of `vae_tile` (sdtorch.adapters.tiling); None: as `tile_vae` says."""
+        if self.decoder == "tiny":
+            return torch.cat([self.tiny_decoder.decode(z[None].to(self.dtype)) for z in latents]).float()
         z = latents / self.config.vae.scaling_factor
         image = self._decode(self.vae, z, tiled)
         dtype = next(self.vae.parameters()).dtype
@@ -286,7 +300,7 @@ class Pipeline:
             def decode(x):
                 return tiling.tiled_decode(vae, x, tile=self.vae_tile[0], overlap=self.vae_tile[1])
         else:
-            decode = vae.decode
+            decode = self._vae_decode if self._vae_decode is not None and vae is self.vae else vae.decode
         return torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
 
     def _tiled(self, tiled: bool | None, cells: int) -> bool:

@@ -84,6 +84,12 @@ class GenerationRequest:
     deep_cache_branch: int = 0
     tile_vae: bool | None = None  # None: tiles above 1024x1024
     attention_chunk: int = 0
+    # ToMe (`sdtorch.adapters.tome`): the share of tokens merged before self-attention (A1111's setting
+    # name), and (max_downsample, sx, sy); 0: off
+    token_merging_ratio: float = 0.0
+    tome_options: tuple[int, int, int] = (1, 2, 2)
+    timestep_spacing: str | None = None  # "leading", "linspace", "trailing" (turbo models); None: the model's
+    decoder: str = "vae"  # "tiny": the pipeline's TAESD-style tiny decoder (`load_tiny_decoder`), fast and approximate
     seed_mode: str = "diffusers"  # "a1111": image i from its own seed, seed + i (sdtorch.sampling.noise)
     subseed: int = -1  # variation seed (-1: random, resolved by `resolved()`)
     subseed_strength: float = 0.0  # 0: the seed's noise, 1: the subseed's
@@ -143,6 +149,12 @@ class GenerationRequest:
             raise RequestError("sampler", str(e)) from None
         if self.scheduler not in SCHEDULERS:
             raise RequestError("scheduler", f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if not 0 <= self.token_merging_ratio < 1 or min(self.tome_options) < 1:
+            raise RequestError("token_merging_ratio", f"token merging ratio must be in [0, 1) and max_downsample, "
+                               f"sx, sy >= 1, got {self.token_merging_ratio}, {self.tome_options}")
+        if self.timestep_spacing not in (None, "leading", "linspace", "trailing"):
+            raise RequestError("timestep_spacing", f"timestep spacing must be leading, linspace or trailing, "
+                               f"got {self.timestep_spacing!r}")
         if self.eta and not samplers.SAMPLERS[base].eta:
             raise RequestError("eta", f"sampler {self.sampler!r} takes no eta (got eta={self.eta}); only 'ddim' does")
         _check_number(self, "cfg_scale")

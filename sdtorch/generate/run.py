@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from sdtorch.adapters.seamless import seamless
+from sdtorch.adapters.tome import TokenMerger, token_merging
 from sdtorch.families import concat_kind
 from sdtorch.generate.concat import (
     check_inputs,
@@ -69,7 +70,8 @@ def run(pipe, request: GenerationRequest, *, on_step: OnStep | None = None,
         if cancel is not None and cancel.cancelled:
             raise Cancelled("cancelled before it started")
         try:
-            latents = _sample(pipe, request, params, pixels, callback, progress)
+            with token_merging(pipe.unet, _merger(pipe, request, params)):
+                latents = _sample(pipe, request, params, pixels, callback, progress)
         except _Stop as stop:  # interrupted: the current denoised estimate is the result
             return RunResult(pipe._images(params, stop.latents), request, stopped_at=stop.step)
         return RunResult(pipe._images(params, latents), request, latents=latents)
@@ -118,7 +120,8 @@ def _latent_second_pass(pipe, second: GenerationRequest, latents: torch.Tensor, 
         callback = _callback(on_step, cancel, params.steps - start)
         source, noise = pipe._noise(params, latents.shape)
         try:
-            out = pipe._sample(params, source, noise, callback, progress, init=latents, start=start)
+            with token_merging(pipe.unet, _merger(pipe, second, params)):
+                out = pipe._sample(params, source, noise, callback, progress, init=latents, start=start)
         except _Stop as stop:  # interrupted: the state it reached
             out = stop.latents
         return pipe._images(params, out)
@@ -165,7 +168,7 @@ def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress
 def _handoff(pipe, params, fraction: float) -> int:
     from sdtorch.sampling.schedulers import handoff_index
 
-    return handoff_index(*samplers.resolve(params.sampler, params.scheduler), params.steps, pipe.config.schedule, fraction)
+    return handoff_index(*samplers.resolve(params.sampler, params.scheduler), params.steps, params.schedule(pipe.config.schedule), fraction)
 
 
 class _Stop(Exception):
@@ -189,13 +192,25 @@ def _params(pipe, r: GenerationRequest, pixels: torch.Tensor | None):
                             subseed=r.subseed, subseed_strength=r.subseed_strength,
                             seed_resize_from=tuple(r.seed_resize_from), condition=r.condition,
                             micro=r.micro, negative_micro=r.negative_micro, extra=_extra(r),
-                            controls=tuple(r.controls))
+                            controls=tuple(r.controls), timestep_spacing=r.timestep_spacing)
+
+
+def _merger(pipe, r: GenerationRequest, params) -> TokenMerger | None:
+    if not r.token_merging_ratio:
+        return None
+    f, (max_downsample, sx, sy) = pipe.vae.downscale, r.tome_options
+    return TokenMerger(r.token_merging_ratio, (params.height // f, params.width // f), max_downsample=max_downsample,
+                       sx=sx, sy=sy, generator=torch.Generator().manual_seed(r.seed))
 
 
 def _extra(r: GenerationRequest) -> dict:
     import hashlib
 
     extra = {"Tiling": True} if r.tiling else {}
+    if r.timestep_spacing is not None:
+        extra["Timestep spacing"] = r.timestep_spacing
+    if r.token_merging_ratio:
+        extra["Token merging ratio"] = r.token_merging_ratio
     if r.condition is not None:  # which input, by content (the tensor itself is not text)
         data = r.condition.detach().float().contiguous().numpy().tobytes()
         extra["Condition hash"] = hashlib.sha256(data).hexdigest()[:10]
@@ -237,9 +252,13 @@ def _callback(on_step: OnStep | None, cancel: CancelToken | None, total: int, ra
 @contextmanager
 def _scoped(pipe, r: GenerationRequest):
     """Apply the request's pipeline-level settings; restore the previous ones afterwards."""
-    saved = (pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk)
+    if r.decoder not in ("vae", "tiny") or (r.decoder == "tiny" and pipe.tiny_decoder is None):
+        raise RequestError("decoder", f"{r.decoder!r}: 'vae', or 'tiny' with a tiny decoder loaded "
+                           "(sdtorch.generate.loading.load_tiny_decoder, --tiny-decoder)")
+    saved = (pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk, pipe.decoder)
     applied = []
     try:
+        pipe.decoder = r.decoder
         pipe.prompt_syntax = r.prompt_syntax
         pipe.deep_cache = (r.deep_cache, r.deep_cache_branch) if r.deep_cache > 1 else None
         pipe.tile_vae = r.tile_vae if r.tile_vae is not None else saved[2]
@@ -251,7 +270,7 @@ def _scoped(pipe, r: GenerationRequest):
     finally:
         for a in applied:
             pipe.loras.remove(a)
-        pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk = saved
+        pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk, pipe.decoder = saved
 
 
 def _network(pipe, path):

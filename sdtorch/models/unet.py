@@ -138,9 +138,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.tome = None  # token merging for self-attention (`sdtorch.adapters.tome`), set per run
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
+        merging = self.tome(x) if self.tome is not None else None
+        if merging is not None:
+            merge, unmerge = merging
+            x = x + unmerge(self.attn1(merge(self.norm1(x)), context if self.cross_only else None))
+        else:
+            x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

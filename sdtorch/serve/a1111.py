@@ -164,7 +164,8 @@ def plan(req: _Common, *, native: int, downscale: int, options: dict, limits: Li
         scheduler=scheduler, cfg_scale=req.cfg_scale, seed=seed % 2**32,
         width=width, height=height, batch_size=req.batch_size, eta=_eta(req, sampler),
         clip_skip=_clip_skip(opts.get("CLIP_stop_at_last_layers", 1)), seed_mode=seed_mode, subseed=subseed % 2**32,
-        subseed_strength=req.subseed_strength, seed_resize_from=_seed_resize(req, seed_mode), tiling=bool(req.tiling))
+        subseed_strength=req.subseed_strength, seed_resize_from=_seed_resize(req, seed_mode), tiling=bool(req.tiling),
+        token_merging_ratio=req.token_merging_ratio or 0.0)
     finish = lambda im: im  # noqa: E731
     if isinstance(req, Txt2Img) and req.enable_hr:
         base = replace(base, hires=_hires(req, upscaler))
@@ -266,8 +267,10 @@ def _refuse_unsupported(req: _Common) -> None:
         v = getattr(req, name)
         if v is not None and v != neutral:
             _refuse(name, f"only the sampler's default ({neutral}) is supported, got {v}")
-    if req.token_merging_ratio or req.token_merging_ratio_hr:
-        _refuse("token_merging_ratio", "token merging is not supported")
+    if not 0 <= (req.token_merging_ratio or 0) < 1:
+        _refuse("token_merging_ratio", f"must be in [0, 1), got {req.token_merging_ratio}")
+    if req.token_merging_ratio_hr and req.token_merging_ratio_hr != req.token_merging_ratio:
+        _refuse("token_merging_ratio_hr", "the hires pass merges tokens as the first pass does (token_merging_ratio)")
     if isinstance(req, Img2Img) and req.refiner_checkpoint:
         _refuse("refiner_checkpoint", "a refiner takes over txt2img runs only")
     if req.refiner_switch_at is not None and not 0 < req.refiner_switch_at <= 1:

@@ -297,7 +297,7 @@ def add_worker_command(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: PyTorch's)")
     p.add_argument("--lease", type=float, default=10.0, help="seconds without a heartbeat before a job is re-run")
     p.add_argument("--preview-every", type=int, default=2)
-    p.add_argument("--preview", choices=("cheap", "full"), default="cheap")
+    p.add_argument("--preview", choices=("cheap", "tiny", "full"), default="cheap")
     p.add_argument("--seed-mode", choices=("a1111", "diffusers"), default="a1111")
 
 

@@ -13,6 +13,7 @@ file with the SD 1.5 architecture gets a fitted map instead).
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdtorch.config import ModelConfig, VAEConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,11 +196,35 @@ def full_preview(pipe, latents: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def tiny_preview(decoder, latents: torch.Tensor) -> Image.Image:
+    """The first image's denoised estimate through a TAESD-style tiny decoder."""
+    with torch.no_grad():
+        image = decoder.decode(latents[:1].to(next(decoder.parameters()).dtype))[0].float()
+    return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def _tiny_decoder(pipe):
+    """The pipeline's tiny decoder, or the built-in model's own for it; None where there is none."""
+    if pipe.tiny_decoder is not None:
+        return pipe.tiny_decoder
+    from sdtorch.generate.loading import load_tiny_decoder
+
+    try:
+        return load_tiny_decoder(None, pipe)
+    except FileNotFoundError as e:
+        log.warning("tiny previews: %s; using the cheap preview", e)
+        return None
+
+
 def make_previewer(pipe, mode: str = "cheap") -> Callable[[torch.Tensor], Image.Image]:
-    """latents -> preview image, for `--preview cheap|full`. The cheap map is chosen here, once."""
+    """latents -> preview image, for `--preview cheap|tiny|full`. The cheap map (or the tiny
+    decoder) is chosen here, once; without a tiny decoder, "tiny" falls back to "cheap"."""
     if mode == "full":
         return lambda latents: full_preview(pipe, latents)
-    if mode != "cheap":
-        raise ValueError(f"preview mode must be 'cheap' or 'full', got {mode!r}")
+    if mode not in ("cheap", "tiny"):
+        raise ValueError(f"preview mode must be 'cheap', 'tiny' or 'full', got {mode!r}")
+    decoder = _tiny_decoder(pipe) if mode == "tiny" else None
+    if decoder is not None:
+        return lambda latents: tiny_preview(decoder, latents)
     rgb = latent_rgb_map(pipe)
     return lambda latents: latent_preview(latents, pipe.config, rgb)

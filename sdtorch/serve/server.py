@@ -32,8 +32,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--data-dir", default="sdtorch-data", help="where the job queue and the images live")
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting or running before 429 (default 64)")
     p.add_argument("--preview-every", type=int, default=2, help="a live preview every N steps (0: none)")
-    p.add_argument("--preview", choices=("cheap", "full"), default="cheap",
-                   help="cheap: latent->RGB linear map (default); full: decode with the VAE")
+    p.add_argument("--preview", choices=("cheap", "tiny", "full"), default="cheap",
+                   help="cheap: latent->RGB linear map (default); tiny: the tiny decoder (the built-in "
+                   "model's own); full: decode with the VAE")
     p.add_argument("--max-pixels", type=int, default=a1111.Limits.max_pixels, help="width x height x batch_size limit")
     p.add_argument("--max-steps", type=int, default=a1111.Limits.max_steps)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")

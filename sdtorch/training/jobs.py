@@ -6,6 +6,7 @@
 - `LayoutJob`: UNetJob with a colour layout of each image beside the latents (semantic synthesis).
 - `ControlNetJob`: a ControlNet for a frozen model, on control images made from the training images.
 - `LoRAJob`: UNetJob's loss on a frozen model; only LoRA layers (`sdtorch.adapters.lora`) train.
+- `TinyDecoderJob`: a TAESD-style tiny decoder distilled from a frozen VAE's decoder.
 (The contrastive CLIP job lives in `sdtorch.training.clip_train`, DreamBooth's in `sdtorch.training.dreambooth`.)
 
 Each job reads its models from `batch["models"]` inside `loss` (they may be wrapped in
@@ -28,6 +29,7 @@ from sdtorch.families import family_of
 from sdtorch.formats import checkpoint
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.condition import Condition
+from sdtorch.models.taesd import TinyDecoder, TinyDecoderConfig
 from sdtorch.models.unet import UNetModel
 from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling.schedule import alphas_cumprod
@@ -321,3 +323,50 @@ class LoRAJob:
         return lora_train.save(ema["lora"], path, cfg.unet, v2=family_of(cfg).kohya_base == "sd_v2",
                                metadata={"ss_base_model_version": family_of(cfg).kohya_base} | self.metadata,
                                dtype=dtype)
+
+
+class TinyDecoderJob:
+    """A tiny decoder (`sdtorch.models.taesd`) learns the frozen VAE's decoder: sampler-space
+    latents (the posterior mean times the scaling factor) -> the VAE's decode of them, L1 + MSE
+    in [0, 1]. `cache(images)` encodes and decodes every training image once, up front; the
+    batches' "index" picks from them."""
+
+    def __init__(self, cfg: ModelConfig, vae: AutoencoderKL, *, width: int = 64, preview: list[int] | None = None):
+        self.cfg, self.vae = cfg, vae.eval().requires_grad_(False)
+        upsamples = vae.downscale.bit_length() - 1
+        self.decoder = TinyDecoder(TinyDecoderConfig(cfg.vae.z_channels, upsamples, width))
+        self.modules = {"tiny_decoder": self.decoder}
+        self.preview = preview or []  # dataset indices shown as VAE / tiny pairs
+        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def cache(self, images: torch.Tensor, chunk: int = 64) -> None:
+        """images: (N, 3, H, W) in [-1, 1], the dataset's items in order."""
+        latents, targets = [], []
+        for start in range(0, len(images), chunk):
+            z = self.vae.encode(images[start : start + chunk]).mean
+            latents.append(z * self.cfg.vae.scaling_factor)
+            targets.append((self.vae.decode(z).clamp(-1, 1) + 1) / 2)
+        self.pairs = torch.cat(latents), torch.cat(targets)
+
+    def loss(self, batch: dict, seeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        z, target = (t[batch["index"]] for t in self.pairs)
+        out = batch["models"]["tiny_decoder"](z)
+        l1, mse = (out - target).abs().mean(), (out - target).pow(2).mean()
+        return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+
+    @torch.no_grad()
+    def samples(self, ema: dict[str, nn.Module], step: int):
+        if not self.preview:
+            return None
+        from sdtorch.generate.pipeline import to_pil
+
+        z, target = (t[self.preview] for t in self.pairs)
+        tiny = ema["tiny_decoder"].decode(z)
+        return grid([im for a, b in zip(to_pil(target), to_pil(tiny)) for im in (a, b)], cols=8)
+
+    def export(self, ema: dict[str, nn.Module], path: Path, dtype: torch.dtype = torch.float16) -> Path:
+        from safetensors.torch import save_file
+
+        save_file({k: v.to(dtype).contiguous() for k, v in ema["tiny_decoder"].state_dict().items()}, str(path))
+        return path
