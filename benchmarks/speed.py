@@ -1,6 +1,6 @@
 """sdtorch vs diffusers on the same random SD 1.5 (or SDXL) weights, side by side, on this machine.
 
-    python benchmarks/speed.py [--model sd15|sdxl] [--steps 4] [--size 512] [--configs ...]
+    python benchmarks/speed.py [--model sd15|sdxl] [--steps 4] [--size 512] [--configs ...] [--openvino-python PY]
 
 Builds (once, cached in --cache) a random-weight diffusers folder and its original-layout single
 file in fp16 (SD 1.5: 2.1 GB; SDXL base: 6.9 GB, as the files people download), then runs each
@@ -25,11 +25,21 @@ sdtorch-bf16-lowmem frees the text encoders after encoding (`--low-memory`). Whe
 emulated (CPU capability AVX2: the bf16 matmul rate printed is ~0), measure fp32 instead:
 `--configs diffusers-fp32 sdtorch-fp32 sdtorch-fp32-lowmem`.
 
-Configurations: diffusers fp32 and bf16 (SD 1.5: autocast, as its docs advise for CPUs), sdtorch fp32,
-bf16 (bfloat16 weights, channels-last, norms and sampler state in fp32), bf16 compiled
-(the same through torch.compile) and bf16 deepcache (DeepCache, interval 3, branch 0: an
-approximation, see its PSNR). Ratios: against diffusers fp32 ("/d32") and diffusers bf16
-("/d16"); below 1 is better.
+Configurations: diffusers fp32 and bf16 (SD 1.5: autocast, as its docs advise for CPUs);
+OpenVINO (optimum-intel's OVStableDiffusionPipeline on the IR it exports once from the same
+diffusers folder, export not timed; static shapes by reshape(); its default inference precision,
+bf16 where the CPU has it, and f32); sdtorch fp32, bf16 (bfloat16 weights, channels-last, norms and
+sampler state in fp32), bf16 compiled (the same through torch.compile), bf16/fp32 openvino (the
+UNet through OpenVINO's runtime, `--compile openvino`; the graph is converted by an untimed first
+run and read back from disk by the timed one), bf16 deepcache (DeepCache, interval 3, branch 0) and
+bf16 tome (token merging, ratio 0.5 at full latent resolution): the last two are approximations,
+see their PSNR; bf16 tiny decodes with a random-weight TAESD-shaped decoder (its decode time only).
+Ratios: against diffusers fp32 ("/d32"), diffusers bf16 ("/d16"), OpenVINO default ("/ov") and
+f32 ("/ov32"); below 1 is better. PSNR: the image against sdtorch fp32's (same seed and sampler).
+
+OpenVINO needs an environment of its own (optimum-intel pins a transformers older than the tests'):
+    python -m venv ovenv && ovenv/bin/pip install "optimum-intel[openvino,diffusers]"
+    python benchmarks/speed.py --openvino-python ovenv/bin/python
 """
 
 from __future__ import annotations
@@ -45,11 +55,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-CONFIGS = ["diffusers-fp32", "diffusers-bf16", "sdtorch-fp32", "sdtorch-bf16", "sdtorch-bf16-compiled",
-           "sdtorch-bf16-deepcache", "sdtorch-bf16-lowmem", "sdtorch-fp32-lowmem"]
+CALIBRATION = ["a castle on a hill at sunset", "a bowl of fruit on a wooden table"]  # int8's calibration runs
+CONFIGS = ["diffusers-fp32", "diffusers-bf16", "openvino-default", "openvino-f32", "sdtorch-fp32", "sdtorch-bf16",
+           "sdtorch-bf16-compiled", "sdtorch-bf16-deepcache", "sdtorch-bf16-openvino", "sdtorch-fp32-openvino",
+           "sdtorch-bf16-tome", "sdtorch-bf16-tiny", "sdtorch-int8",
+           "sdtorch-bf16-lowmem", "sdtorch-fp32-lowmem"]
 # --model: (preset name, diffusers pipeline class, default size, default configurations)
 MODELS = {
-    "sd15": ("SD15", "StableDiffusionPipeline", 512, CONFIGS[:-2]),
+    "sd15": ("SD15", "StableDiffusionPipeline", 512, CONFIGS[:-2]),  # openvino-*: needs --openvino-python
     "sdxl": ("SDXL", "StableDiffusionXLPipeline", 1024, ["diffusers-bf16", "sdtorch-bf16", "sdtorch-bf16-lowmem"]),
 }
 
@@ -145,6 +158,49 @@ def run_diffusers(ckpt: Path, folder: Path, dtype: str, steps: int, size: int, m
     return _timings(t0, load, stamps, decode)
 
 
+def openvino_folder(cache: Path, folder: Path, model: str) -> Path:
+    """The OpenVINO IR of the diffusers folder, exported once by optimum-intel (not timed)."""
+    out = cache / f"{model}-openvino"
+    if not (out / "model_index.json").exists():
+        from optimum.intel import OVStableDiffusionPipeline
+
+        OVStableDiffusionPipeline.from_pretrained(folder, export=True, compile=False).save_pretrained(out)
+    return out
+
+
+def run_openvino(ov_folder: Path, precision: str, steps: int, size: int, image_out: Path) -> dict:
+    """optimum-intel's pipeline on the exported IR: static shapes (reshape), the default inference
+    precision (bf16 where the CPU has it) or f32, the same prompt, seed and Euler sampler."""
+    import torch
+
+    t0 = time.perf_counter()
+    from diffusers import EulerDiscreteScheduler
+    from optimum.intel import OVStableDiffusionPipeline
+
+    ov_config = {} if precision == "default" else {"INFERENCE_PRECISION_HINT": "f32"}
+    pipe = OVStableDiffusionPipeline.from_pretrained(ov_folder, compile=False, ov_config=ov_config)
+    pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+    pipe.compile()
+    load = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    stamps = []
+
+    def on_step(p, i, t, kw):
+        stamps.append(time.perf_counter())
+        return kw
+
+    latents = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=7.5,
+                   generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
+                   callback_on_step_end=on_step).images
+    latents = torch.as_tensor(latents) / pipe.vae.config.scaling_factor
+    decode = _decode_time(lambda: pipe.vae.decode(latents))
+    torch.save((pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1).float(), image_out)
+    out = _timings(t0, load, stamps, decode)
+    out["precision"] = str(pipe.unet.request.get_property("INFERENCE_PRECISION_HINT"))
+    return out
+
+
 def _decode_time(decode) -> float:
     decode()  # the first call also pays one-off costs (oneDNN primitive creation)
     t1 = time.perf_counter()
@@ -162,18 +218,35 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, imag
 
     t0 = time.perf_counter()
     import sdtorch
+    from sdtorch.adapters.tome import TokenMerger, token_merging
     from sdtorch.generate.pipeline import GenerationParams
 
-    compile = option == "compiled"
-    pipe = sdtorch.load(ckpt, dtype=dtype, compile=compile)
+    compile = {"compiled": True, "openvino": "openvino"}.get(option, False)
+    pipe = sdtorch.load(ckpt, dtype="fp32" if dtype == "int8" else dtype, compile=compile)
     load = time.perf_counter() - t0
+    if dtype == "int8":  # PT2E: calibrated on the UNet inputs of CALIBRATION's runs (in "1st step")
+        from sdtorch.adapters.int8 import Recorder, quantize
+
+        pipe._compiled = recorder = Recorder(pipe.unet)
+        for i, prompt in enumerate(CALIBRATION):
+            pipe.generate_latents(GenerationParams(prompt, steps=steps, sampler="euler", cfg_scale=7.5, seed=100 + i,
+                                                   width=size, height=size), progress=False)
+        pipe._compiled = quantize(pipe.unet, recorder.calls)
     pipe.deep_cache = (3, 0) if option == "deepcache" else None
     pipe.low_memory = option == "lowmem"
+    if option == "tiny":  # random weights: its decode time only (its image is not compared)
+        from sdtorch.models.taesd import TinyDecoder
+
+        pipe.tiny_decoder, pipe.decoder = TinyDecoder().to(pipe.dtype).eval(), "tiny"
+    merger = TokenMerger(0.5, (size // 8, size // 8), generator=torch.Generator().manual_seed(0)) if option == "tome" else None
     stamps = []
     params = GenerationParams(PROMPT, steps=steps, sampler="euler", cfg_scale=7.5, seed=0, width=size, height=size)
-    latents = pipe.generate_latents(params, callback=lambda d: stamps.append(time.perf_counter()), progress=False)
-    if compile and pipe._compiled.compiled is None:
+    with token_merging(pipe.unet, merger):
+        latents = pipe.generate_latents(params, callback=lambda d: stamps.append(time.perf_counter()), progress=False)
+    if compile is True and pipe._compiled.compiled is None:
         raise RuntimeError("torch.compile fell back to eager")
+    if compile == "openvino" and not pipe._compiled.graphs:
+        raise RuntimeError("the OpenVINO graph was not used")
     with torch.no_grad():
         decode = _decode_time(lambda: pipe.decode(latents))
         torch.save(pipe.decode(latents), image_out)  # (1, 3, H, W) in [0, 1]
@@ -182,29 +255,40 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, imag
 
 def worker(args: argparse.Namespace) -> None:
     lib, dtype, *option = args.worker.split("-")
+    image_out = args.cache / f"{args.model}-{args.worker}.pt"
     if lib == "diffusers":
         out = run_diffusers(args.ckpt, args.folder, dtype, args.steps, args.size, args.model)
+    elif lib == "openvino":
+        ov_folder = openvino_folder(args.cache, args.folder, args.model)
+        out = run_openvino(ov_folder, dtype, args.steps, args.size, image_out)
     else:
-        out = run_sdtorch(args.ckpt, dtype, args.steps, args.size, option[0] if option else "",
-                          image_out=args.cache / f"{args.model}-{args.worker}.pt")
+        out = run_sdtorch(args.ckpt, dtype, args.steps, args.size, option[0] if option else "", image_out)
     out["rss"] = _peak_rss_gb()
     print("RESULT " + json.dumps(out))
 
 
-def table(results: dict[str, dict], flops: float) -> str:
-    d32, d16 = results.get("diffusers-fp32"), results.get("diffusers-bf16")
+# ratio columns: (heading, measured key, reference configuration)
+RATIOS = [("step/d32", "step", "diffusers-fp32"), ("step/d16", "step", "diffusers-bf16"),
+          ("step/ov", "step", "openvino-default"), ("step/ov32", "step", "openvino-f32"),
+          ("dec/d32", "decode", "diffusers-fp32"), ("dec/d16", "decode", "diffusers-bf16"),
+          ("ttfi/ov", "ttfi", "openvino-default"), ("RSS/d32", "rss", "diffusers-fp32"),
+          ("RSS/d16", "rss", "diffusers-bf16")]
 
-    def ratio(r: dict, ref: dict | None, key: str) -> str:
-        return f"{r[key] / ref[key]:.2f}" if ref else "-"
 
-    head = (f"{'config':<23}{'step s':>7}{'TFLOP/s':>8}{'decode s':>9}{'load s':>7}{'1st step s':>11}{'RSS GB':>7}"
-            f"{'step/d32':>9}{'step/d16':>9}{'dec/d32':>8}{'dec/d16':>8}{'load/d32':>9}{'RSS/d32':>8}{'PSNR dB':>8}")
+def table(results: dict[str, dict], flops: float, ttfi_steps: int = 20) -> str:
+    """One row per configuration. ttfi: time to a first image in a cold process at ttfi_steps
+    steps, from the measured parts: the first step (import, load, compile and step 1) plus
+    ttfi_steps - 1 steps plus the decode."""
+    for r in results.values():
+        r["ttfi"] = r["first"] + (ttfi_steps - 1) * r["step"] + r["decode"]
+    present = [c for c in RATIOS if c[2] in results]
+    head = (f"{'config':<23}{'step s':>7}{'TFLOP/s':>8}{'decode s':>9}{'load s':>7}{'1st step s':>11}"
+            f"{'ttfi s':>7}{'RSS GB':>7}" + "".join(f"{h:>{len(h) + 1}}" for h, _, _ in present) + f"{'PSNR dB':>8}")
     rows = [head]
     for name, r in results.items():
+        cells = "".join(f"{r[key] / results[ref][key]:>{len(h) + 1}.2f}" for h, key, ref in present)
         rows.append(f"{name:<23}{r['step']:>7.2f}{flops / r['step'] / 1e12:>8.3f}{r['decode']:>9.2f}{r['load']:>7.2f}"
-                    f"{r['first']:>11.2f}{r['rss']:>7.2f}{ratio(r, d32, 'step'):>9}{ratio(r, d16, 'step'):>9}"
-                    f"{ratio(r, d32, 'decode'):>8}{ratio(r, d16, 'decode'):>8}{ratio(r, d32, 'load'):>9}"
-                    f"{ratio(r, d32, 'rss'):>8}{r.get('psnr', ''):>8}")
+                    f"{r['first']:>11.2f}{r['ttfi']:>7.1f}{r['rss']:>7.2f}{cells}{r.get('psnr', ''):>8}")
     return "\n".join(rows)
 
 
@@ -215,6 +299,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="image side (default: 512 for sd15, 1024 for sdxl)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "sdtorch-bench")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all (sdxl: the bf16 ones)")
+    parser.add_argument("--openvino-python", default=os.environ.get("SDTORCH_OPENVINO_PYTHON"),
+                        help="the Python of an environment with optimum-intel[openvino,diffusers], for the "
+                             "openvino-* configurations (they pin a transformers older than the tests' one)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -235,11 +322,17 @@ def main() -> None:
           f"UNet {flops / 1e12:.2f} TFLOP per guided step")
     print(f"matmul 2048^3 on this machine: fp32 {matmul_tflops('fp32'):.3f} TFLOP/s, "
           f"bf16 {matmul_tflops('bf16'):.3f} TFLOP/s")
+    if any(c.startswith("openvino-") for c in args.configs) and not args.openvino_python:
+        sys.exit("openvino-* configurations need --openvino-python (see the docstring)")
     results = {}
     for name in args.configs:
-        cmd = [sys.executable, __file__, "--worker", name, "--ckpt", str(ckpt), "--folder", str(folder),
+        python = args.openvino_python if name.startswith("openvino-") else sys.executable
+        cmd = [python, __file__, "--worker", name, "--ckpt", str(ckpt), "--folder", str(folder),
                "--steps", str(args.steps), "--size", str(args.size), "--model", args.model]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, SDTORCH_CACHE=str(args.cache / "sdtorch-cache"))
+        if name.endswith("-openvino"):  # the first run converts the UNet (its "export"), the timed one reads it
+            subprocess.run(cmd + ["--steps", "2"], capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -250,10 +343,11 @@ def main() -> None:
 
         exact = torch.load(args.cache / f"{args.model}-sdtorch-fp32.pt")
         for name in results:
-            if name.startswith("sdtorch-") and name != "sdtorch-fp32":
+            if name.startswith(("sdtorch-", "openvino-")) and name not in ("sdtorch-fp32", "sdtorch-bf16-tiny"):
                 mse = float((torch.load(args.cache / f"{args.model}-{name}.pt") - exact).square().mean())
                 results[name]["psnr"] = f"{10 * math.log10(1 / mse):.1f}" if mse else "inf"
     print(table(results, flops))
+    print("ttfi: the first step (from import: load, compile, step 1) + 19 steps + decode")
 
 
 if __name__ == "__main__":
