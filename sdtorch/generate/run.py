@@ -168,7 +168,8 @@ def _sample(pipe, request: GenerationRequest, params, pixels, callback, progress
 def _handoff(pipe, params, fraction: float) -> int:
     from sdtorch.sampling.schedulers import handoff_index
 
-    return handoff_index(*samplers.resolve(params.sampler, params.scheduler), params.steps, params.schedule(pipe.config.schedule), fraction)
+    schedule = params.schedule(pipe.config.schedule)
+    return handoff_index(*samplers.resolve(params.sampler, params.scheduler), params.steps, schedule, fraction)
 
 
 class _Stop(Exception):
