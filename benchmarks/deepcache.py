@@ -31,6 +31,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / mse) if mse else math.inf
 
 
+def first_prompts(n: int) -> list[str]:
+    """The first n prompts of the quality benchmark's list."""
+    lines = (ROOT / "benchmarks" / "quality_prompts.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip()][:n]
+
+
 def run(pipe, prompts: list[str], steps: int, setting: tuple[int, int] | None) -> tuple[torch.Tensor, float]:
     pipe.deep_cache = setting
     images, t0 = [], time.perf_counter()
@@ -49,8 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     pipe = sdtorch.load(args.checkpoint)
-    lines = (ROOT / "benchmarks" / "quality_prompts.txt").read_text().splitlines()
-    prompts = [ln.strip() for ln in lines if ln.strip()][: args.prompts]
+    prompts = first_prompts(args.prompts)
     run(pipe, prompts[:1], args.steps, None)  # warm-up
     exact, base = run(pipe, prompts, args.steps, None)
     print(f"{pipe.config.name}, {pipe.config.sample_size}x{pipe.config.sample_size}, {len(prompts)} prompts, "

@@ -225,13 +225,9 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, imag
     pipe = sdtorch.load(ckpt, dtype="fp32" if dtype == "int8" else dtype, compile=compile)
     load = time.perf_counter() - t0
     if dtype == "int8":  # PT2E: calibrated on the UNet inputs of CALIBRATION's runs (in "1st step")
-        from sdtorch.adapters.int8 import Recorder, quantize
+        from sdtorch.generate.quantized import quantize_pipeline
 
-        pipe._compiled = recorder = Recorder(pipe.unet)
-        for i, prompt in enumerate(CALIBRATION):
-            pipe.generate_latents(GenerationParams(prompt, steps=steps, sampler="euler", cfg_scale=7.5, seed=100 + i,
-                                                   width=size, height=size), progress=False)
-        pipe._compiled = quantize(pipe.unet, recorder.calls)
+        pipe._compiled = quantize_pipeline(pipe, size, size, steps=steps, prompts=CALIBRATION)
     pipe.deep_cache = (3, 0) if option == "deepcache" else None
     pipe.low_memory = option == "lowmem"
     if option == "tiny":  # random weights: its decode time only (its image is not compared)

@@ -13,32 +13,26 @@ nothing there). The SD 1.5-sized speed-up at 512x512 is in benchmarks/speed.py (
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from pathlib import Path
 
 import numpy as np
+import torch
+from deepcache import first_prompts, psnr  # this folder's DeepCache benchmark: same prompts, same measure
 
 import sdtorch
 from sdtorch.generate.request import GenerationRequest
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(0.3, 2), (0.5, 2), (0.5, 4)]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return 10 * math.log10(1 / mse) if mse else math.inf
-
-
-def run(pipe, prompts: list[str], steps: int, setting: tuple[float, int] | None) -> tuple[list[np.ndarray], float]:
+def run(pipe, prompts: list[str], steps: int, setting: tuple[float, int] | None) -> tuple[torch.Tensor, float]:
     ratio, max_down = setting or (0.0, 1)
     images, t0 = [], time.perf_counter()
     for i, prompt in enumerate(prompts):
         request = GenerationRequest(prompt, steps=steps, seed=i, token_merging_ratio=ratio,
                                     tome_options=(max_down, 2, 2))
-        images.append(np.asarray(pipe.run(request).images[0], dtype=np.float64) / 255)
-    return images, (time.perf_counter() - t0) / len(prompts)
+        images.append(torch.from_numpy(np.asarray(pipe.run(request).images[0], dtype=np.float64) / 255))
+    return torch.stack(images), (time.perf_counter() - t0) / len(prompts)
 
 
 def main() -> None:
@@ -48,8 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     pipe = sdtorch.load(args.checkpoint)
-    lines = (ROOT / "benchmarks" / "quality_prompts.txt").read_text().splitlines()
-    prompts = [ln.strip() for ln in lines if ln.strip()][: args.prompts]
+    prompts = first_prompts(args.prompts)
     run(pipe, prompts[:1], args.steps, None)  # warm-up
     exact, base = run(pipe, prompts, args.steps, None)
     print(f"{pipe.config.name}, {len(prompts)} prompts, DPM++ 2M Karras {args.steps} steps, CFG 7.5")
@@ -59,7 +52,7 @@ def main() -> None:
         images, seconds = run(pipe, prompts, args.steps, (ratio, max_down))
         per = [psnr(a, b) for a, b in zip(images, exact)]
         print(f"{f'ratio {ratio} max_downsample {max_down}':<26}{seconds:>9.3f}{base / seconds:>10.2f}"
-              f"{psnr(np.stack(images), np.stack(exact)):>9.1f}{min(per):>10.1f}")
+              f"{psnr(images, exact):>9.1f}{min(per):>10.1f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import sdtorch
-from sdtorch.training.data import ImageCaptionDataset, build_emoji_dataset, held_out_split
+from sdtorch.training.data import emoji_training_set
 from sdtorch.training.jobs import ControlNetJob
 from sdtorch.training.train import TrainConfig, train
 
@@ -25,10 +25,7 @@ def main() -> None:
     p.add_argument("--module", default="canny")
     p.add_argument("--out", type=Path, default=None, help="default: RUN/control_emoji_MODULE.safetensors")
     args = p.parse_args()
-    data = args.run / "emoji64"
-    if not (data / "metadata.jsonl").exists():
-        build_emoji_dataset(data, 64)
-    dataset = ImageCaptionDataset(held_out_split(data, args.run / "train"), 64)
+    _, dataset = emoji_training_set(args.run)
     base = sdtorch.load()
     job = ControlNetJob(base.config, base.vae, base.clip, base.unet, module=args.module)
     job.cache_bf16 = True

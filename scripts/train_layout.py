@@ -16,7 +16,7 @@ import torch
 
 import sdtorch
 from sdtorch.formats import checkpoint
-from sdtorch.training.data import ImageCaptionDataset, build_emoji_dataset, held_out_split
+from sdtorch.training.data import emoji_training_set
 from sdtorch.training.jobs import LayoutJob
 from sdtorch.training.train import TrainConfig, train
 
@@ -27,10 +27,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--out", type=Path, default=Path(sdtorch.__file__).parent / "data" / "emoji_layout.safetensors")
     args = p.parse_args()
-    data = args.run / "emoji64"
-    if not (data / "metadata.jsonl").exists():
-        build_emoji_dataset(data, 64)
-    dataset = ImageCaptionDataset(held_out_split(data, args.run / "train"), 64)  # every 20th emoji held out
+    _, dataset = emoji_training_set(args.run)  # every 20th emoji held out
     base = sdtorch.load()
     cfg = replace(base.config, name="emoji-layout", unet=replace(base.config.unet, in_channels=7))
     job = LayoutJob(cfg, base.vae, base.clip, unet=base.unet, caption_dropout=0.1)

@@ -18,8 +18,7 @@ import torch
 
 import sdtorch
 from sdtorch.generate.loading import BUILTIN_TINY, load_tiny_decoder
-from sdtorch.training.data import (ImageCaptionDataset, build_emoji_dataset, held_out_items, held_out_split,
-                                   square_crop_resize, to_tensor)
+from sdtorch.training.data import emoji_training_set, held_out_items, square_crop_resize, to_tensor
 from sdtorch.training.jobs import TinyDecoderJob
 from sdtorch.training.train import TrainConfig, train
 
@@ -43,10 +42,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--out", type=Path, default=BUILTIN_TINY)
     args = p.parse_args()
-    data = args.run / "emoji64"
-    if not (data / "metadata.jsonl").exists():
-        build_emoji_dataset(data, 64)
-    dataset = ImageCaptionDataset(held_out_split(data, args.run / "train"), 64)
+    data, dataset = emoji_training_set(args.run)
     base = sdtorch.load()
     job = TinyDecoderJob(base.config, base.vae, width=args.width, preview=list(range(0, 160, 20)))
     job.cache(torch.stack([dataset.get(i)["image"] for i in range(len(dataset))]))

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("openvino")
 
 import sdtorch  # noqa: E402
-from sdtorch.adapters.openvino import OpenVINOModule, snapshot_holds  # noqa: E402
+from sdtorch.adapters.fast import snapshot_holds  # noqa: E402
+from sdtorch.adapters.openvino import OpenVINOModule  # noqa: E402
 from sdtorch.generate.request import GenerationRequest  # noqa: E402
 
 

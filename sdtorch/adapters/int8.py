@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from sdtorch.adapters.fast import snapshot_holds
+
 log = logging.getLogger(__name__)
 
 
@@ -66,7 +68,7 @@ CALIBRATION = ("a castle on a hill at sunset", "a bowl of fruit on a wooden tabl
 
 
 class Int8UNet:
-    """The int8 graph where it is the UNet's forward (`openvino.snapshot_holds`), eager otherwise."""
+    """The int8 graph where it is the UNet's forward (`fast.snapshot_holds`), eager otherwise."""
 
     backend = "int8 PT2E"  # written into the infotext: it changes the image
 
@@ -74,8 +76,6 @@ class Int8UNet:
         self.module, self.graph, self.shapes = module, graph, shapes
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        from sdtorch.adapters.openvino import snapshot_holds
-
         if tuple(tuple(a.shape) for a in args) != self.shapes or snapshot_holds(self.module) is not None:
             return self.module(*args)
         return self.graph(*args)

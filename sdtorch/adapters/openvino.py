@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from sdtorch.adapters.fast import snapshot_holds
+
 log = logging.getLogger(__name__)
 
 PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -42,20 +44,6 @@ def file_key(path: Path) -> str:
 
     st = path.stat()
     return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-
-
-def snapshot_holds(module: torch.nn.Module) -> str | None:
-    """Why a converted graph would not be this module's forward right now, or None."""
-    for name, m in module.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            return f"{name or 'the UNet'} has forward hooks (LoRA, ControlNet or an editing hook)"
-        if getattr(m, "hook", None) is not None:
-            return f"{name} has an attention hook"
-        if getattr(m, "tome", None) is not None:
-            return "token merging is on"
-        if isinstance(m, torch.nn.Conv2d) and m.padding_mode != "zeros":
-            return "its convolutions pad circularly (seamless tiling)"
-    return None
 
 
 class OpenVINOModule:
@@ -104,8 +92,9 @@ class OpenVINOModule:
 
         precision = PRECISION[dtype]
         path = self._path(args, precision)
+        core = ov.Core()
         if path is not None and path.exists():
-            model = ov.Core().read_model(path)
+            model = core.read_model(path)
             log.info("OpenVINO graph read from %s", path)
         else:
             model = self._convert(args)
@@ -116,7 +105,7 @@ class OpenVINOModule:
                 ov.save_model(model, path, compress_to_fp16=dtype != torch.float32)
         model.reshape({port: ov.PartialShape(list(a.shape)) for port, a in zip(model.inputs, args)})  # static shapes
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}  # latency: as optimum-intel
-        compiled = ov.Core().compile_model(model, "CPU", config)
+        compiled = core.compile_model(model, "CPU", config)
         return compiled.create_infer_request()
 
     def _convert(self, args):

@@ -152,6 +152,8 @@ class GenerationRequest:
         if not 0 <= self.token_merging_ratio < 1 or min(self.tome_options) < 1:
             raise RequestError("token_merging_ratio", f"token merging ratio must be in [0, 1) and max_downsample, "
                                f"sx, sy >= 1, got {self.token_merging_ratio}, {self.tome_options}")
+        if self.decoder not in ("vae", "tiny"):
+            raise RequestError("decoder", f"decoder must be 'vae' or 'tiny', got {self.decoder!r}")
         if self.timestep_spacing not in (None, "leading", "linspace", "trailing"):
             raise RequestError("timestep_spacing", f"timestep spacing must be leading, linspace or trailing, "
                                f"got {self.timestep_spacing!r}")

@@ -253,8 +253,8 @@ def _callback(on_step: OnStep | None, cancel: CancelToken | None, total: int, ra
 @contextmanager
 def _scoped(pipe, r: GenerationRequest):
     """Apply the request's pipeline-level settings; restore the previous ones afterwards."""
-    if r.decoder not in ("vae", "tiny") or (r.decoder == "tiny" and pipe.tiny_decoder is None):
-        raise RequestError("decoder", f"{r.decoder!r}: 'vae', or 'tiny' with a tiny decoder loaded "
+    if r.decoder == "tiny" and pipe.tiny_decoder is None:
+        raise RequestError("decoder", "decoder 'tiny' needs a tiny decoder loaded "
                            "(sdtorch.generate.loading.load_tiny_decoder, --tiny-decoder)")
     saved = (pipe.prompt_syntax, pipe.deep_cache, pipe.tile_vae, pipe.attention_chunk, pipe.decoder)
     applied = []

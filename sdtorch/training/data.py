@@ -310,6 +310,16 @@ def held_out_split(data: str | Path, out: str | Path, every: int = 20) -> Path:
     return out
 
 
+def emoji_training_set(run: str | Path, size: int = 64) -> tuple[Path, "ImageCaptionDataset"]:
+    """The emoji dataset in RUN/emoji<size> (built there if missing) and its training part,
+    every 20th emoji held out (`held_out_split` into RUN/train): what the built-in model's
+    add-on training scripts train on."""
+    data = Path(run) / f"emoji{size}"
+    if not (data / "metadata.jsonl").exists():
+        build_emoji_dataset(data, size)
+    return data, ImageCaptionDataset(held_out_split(data, Path(run) / "train"), size)
+
+
 def held_out_items(data: str | Path, every: int = 20) -> list[tuple[int, Image.Image, str]]:
     """(index, image, caption) of the items `held_out_split` leaves out."""
     data = Path(data)
