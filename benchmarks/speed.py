@@ -21,7 +21,8 @@ configuration in a fresh process so peak memory is its own:
 SDXL (`--model sdxl`, default size 1024): diffusers loads the folder (StableDiffusionXLPipeline.
 from_pretrained; its from_single_file leaves OpenCLIP bigG unloaded under transformers 5) and its
 bf16 is bfloat16 weights (torch_dtype), as SDXL is run on CPUs where fp32 weights would need 14 GB;
-sdtorch-bf16-lowmem frees the text encoders after encoding (`--low-memory`). Where bfloat16 is
+sdtorch-bf16-lowmem is `--low-memory` (`load(low_memory=True)`): the text encoders are read, used and
+freed before the UNet is read, and the VAE decodes in tiles from 1024^2. Where bfloat16 is
 emulated (CPU capability AVX2: the bf16 matmul rate printed is ~0), measure fp32 instead:
 `--configs diffusers-fp32 sdtorch-fp32 sdtorch-fp32-lowmem`.
 
@@ -222,14 +223,13 @@ def run_sdtorch(ckpt: Path, dtype: str, steps: int, size: int, option: str, imag
     from sdtorch.generate.pipeline import GenerationParams
 
     compile = {"compiled": True, "openvino": "openvino"}.get(option, False)
-    pipe = sdtorch.load(ckpt, dtype="fp32" if dtype == "int8" else dtype, compile=compile)
+    pipe = sdtorch.load(ckpt, dtype="fp32" if dtype == "int8" else dtype, compile=compile, low_memory=option == "lowmem")
     load = time.perf_counter() - t0
     if dtype == "int8":  # PT2E: calibrated on the UNet inputs of CALIBRATION's runs (in "1st step")
         from sdtorch.generate.quantized import quantize_pipeline
 
         pipe._compiled = quantize_pipeline(pipe, size, size, steps=steps, prompts=CALIBRATION)
     pipe.deep_cache = (3, 0) if option == "deepcache" else None
-    pipe.low_memory = option == "lowmem"
     if option == "tiny":  # random weights: its decode time only (its image is not compared)
         from sdtorch.models.taesd import TinyDecoder
 

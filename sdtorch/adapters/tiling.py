@@ -40,6 +40,7 @@ NormMode = Literal["tile", "estimate"]
 TILE, OVERLAP = 64, 16
 AUTO_CELLS = 128 * 128
 STATS = 128  # the statistics pass of norm="estimate" sees at most 128 x 128 cells
+CHUNK = 4  # groups normalised at a time (float32 copies of only that part of a layer's input)
 
 
 @dataclass(frozen=True)
@@ -125,13 +126,22 @@ class NormStats:
         self.recording = True
 
     def __call__(self, m: Norm, x: torch.Tensor) -> torch.Tensor:
-        g = x.float().reshape(x.shape[0], m.num_groups, -1)  # (B, G, C/G * H * W)
-        if self.recording:
-            var, mean = torch.var_mean(g, dim=-1, unbiased=False)
-            self.stats[m] = (mean, var)
+        b, c = x.shape[:2]
+        per = c // m.num_groups
+        if self.recording:  # in float32, a few groups at a time (no float32 copy of the whole input)
+            g = x.reshape(b, m.num_groups, -1)
+            parts = [torch.var_mean(g[:, i : i + CHUNK].float(), dim=-1, unbiased=False)
+                     for i in range(0, m.num_groups, CHUNK)]
+            self.stats[m] = (torch.cat([p[1] for p in parts], 1), torch.cat([p[0] for p in parts], 1))
         mean, var = self.stats[m]
-        y = (g - mean[..., None]).mul_(torch.rsqrt(var[..., None] + m.eps)).view(x.shape)
-        return y.mul_(m.weight.float()[:, None, None]).add_(m.bias.float()[:, None, None]).to(x.dtype)
+        # y = (x - mean) / sqrt(var + eps) * weight + bias = x * scale + shift, per channel
+        scale = torch.rsqrt(var + m.eps).repeat_interleave(per, 1) * m.weight.float()
+        shift = m.bias.float() - mean.repeat_interleave(per, 1) * scale
+        y = torch.empty_like(x)
+        for i in range(0, c, CHUNK * per):
+            j = slice(i, i + CHUNK * per)
+            y[:, j] = torch.addcmul(shift[:, j, None, None], x[:, j].float(), scale[:, j, None, None])
+        return y
 
 
 def _shrunk(x: torch.Tensor, side: int, scale: int, mode: str) -> torch.Tensor:

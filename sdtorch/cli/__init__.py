@@ -78,7 +78,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
     p.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
     p.add_argument("--low-memory", action="store_true",
-                   help="free the text encoders once the prompts are encoded (SDXL's bigG is 1.4 GB in bf16)")
+                   help="text encoders freed once the prompts are encoded, a single file's UNet read only then "
+                        "(never both in memory), the VAE tiled from 1024x1024")
     p.add_argument("--lora-dir", metavar="DIR", default=None,
                    help="folder the prompt's <lora:NAME:STRENGTH> tags are looked up in")
     _memory_options(p)
@@ -241,13 +242,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"{args.deep_cache_branch}")
     path = args.checkpoint or (BUILTIN_LAYOUT if getattr(args, "layout", None) else None)
     dtype = "fp32" if args.dtype == "int8" else args.dtype  # int8: the UNet quantized from fp32
-    pipe = load(path, prediction=args.prediction, dtype=dtype, compile=args.compile or False)
+    pipe = load(path, prediction=args.prediction, dtype=dtype, compile=args.compile or False, low_memory=args.low_memory)
     if args.dtype == "int8":
         from sdtorch.generate.quantized import quantize_pipeline
         w, h = (n or pipe.config.sample_size for n in size)  # img2img: the native size (else eager)
         pipe._compiled = quantize_pipeline(pipe, w, h, args.batch)
     _set_memory_options(pipe, args)
-    args.refiner_pipe = load(args.refiner, dtype=dtype) if args.refiner else None
+    args.refiner_pipe = load(args.refiner, dtype=dtype, low_memory=args.low_memory) if args.refiner else None
     args.control_units = tuple(control_unit(spec, pipe, args) for spec in args.control)
     pipe.deep_cache = (args.deep_cache, args.deep_cache_branch) if args.deep_cache > 1 else None
     for spec in args.lora:

@@ -45,6 +45,9 @@ IGNORED = re.compile(
     r"|cond_stage_model\.model\.(logit_scale|text_projection)$"
     r"|conditioner\.embedders\.\d+\.(transformer\.text_model\.embeddings\.position_ids|model\.logit_scale)$)"
 )
+# The file prefixes of the parts `read` can leave unread.
+LAZY = {"unet": (PREFIXES["unet"],), "vae": (PREFIXES["vae"],),
+        "text": (PREFIXES["clip"], PREFIXES["openclip"], PREFIXES["sgm"])}
 CONFIG_KEY = "sdtorch_config"  # safetensors metadata written by `save`
 # A UNet-only file's base (`save_unet`): the file, beside it or in the package's data folder, whose
 # VAE and text encoders it shares.
@@ -238,8 +241,10 @@ def read(
     *,
     config: ModelConfig | None = None,
     prediction: Prediction | None = None,
+    lazy: tuple[str, ...] = (),
 ) -> Checkpoint:
-    """Read a single file or a diffusers folder and work out what model it holds."""
+    """Read a single file or a diffusers folder and work out what model it holds. lazy: parts
+    ("unet", "vae", "text") of a single file left unread, as meta tensors (folders are read whole)."""
     path = Path(path)
     source = "given config" if config is not None else ""
     if path.is_dir():  # already in sdtorch's names: no detour through the single-file layout
@@ -248,7 +253,7 @@ def read(
         encoder, encoder_spec = {}, None
         config = config or folder_cfg
     else:
-        sd, meta = read_state_dict(path)
+        sd, meta = read_state_dict(path, lambda key: key.startswith(tuple(p for n in lazy for p in LAZY[n])))
         if BASE_KEY in meta:
             sd = _with_base(sd, meta[BASE_KEY], path)
         encoder, encoder_spec = _condition_encoder(sd, meta, path)
@@ -262,12 +267,21 @@ def read(
     elif "v_pred" in sd:
         config, source = replace(config, prediction="v"), "marker key"
     elif not source:
-        pred, source = guess_prediction(unet, config)
+        pred, source = guess_prediction(_hint_read(unet, config, path), config)
         v_sd2 = pred == "v" and not concat_kind(config)  # SD 2's v-models are the 768 ones
         config = replace(config, prediction=pred, sample_size=768 if v_sd2 else config.sample_size)
     dtype = next(iter(unet.values())).dtype
     clip2 = texts[1] if len(texts) > 1 else {}
     return Checkpoint(config, unet, vae, texts[0], dtype, source, path, encoder, encoder_spec, clip2)
+
+
+def _hint_read(unet: dict, cfg: ModelConfig, path: Path) -> dict:
+    """`unet` with the tensor `guess_prediction` looks at read, where it was left unread (lazy)."""
+    key = family_of(cfg).v_hint
+    if key not in unet or not unet[key].is_meta:
+        return unet
+    full = PREFIXES["unet"] + key
+    return unet | {key: read_state_dict(path, lambda k: k != full)[0][full]}
 
 
 def _with_base(sd: dict, base: str, path: Path) -> dict:

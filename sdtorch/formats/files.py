@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,13 +17,15 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a single file. Pickles are loaded with weights_only=True."""
+def read_state_dict(path: str | Path, lazy: Callable[[str], bool] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a single file. Pickles are loaded with weights_only=True.
+    lazy(name) True: that tensor is not read; a meta tensor of its shape and dtype stands for it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path, lazy or (lambda name: False))
     if path.suffix not in SUFFIXES:
         raise CheckpointError(f"unknown checkpoint type {path.suffix!r} for {path}; expected one of {SUFFIXES}")
     try:
@@ -38,7 +41,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values() if v is not None):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+    return {k: v.to("meta") if lazy and lazy(k) else v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
 
 
 # safetensors' dtype names (https://github.com/huggingface/safetensors, format description).
@@ -49,7 +52,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: Path, lazy: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A .safetensors file read with plain reads, tensor by tensor, into memory this process
     owns. (Memory-mapping it would keep the whole file resident in the process next to the
     converted weights: a 2 GB file loaded as bf16 would peak at 4 GB instead of 2.)
@@ -85,6 +88,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
                     numel *= d
                 if not 0 <= begin <= end <= size - 8 - n or end - begin != numel * dtype.itemsize:
                     raise corrupt(f"{name}: bytes {begin}..{end} do not hold {info['dtype']} {shape}")
+                if lazy(name):
+                    sd[name] = torch.empty(shape, dtype=dtype, device="meta")
+                    continue
                 f.seek(8 + n + begin)
                 buf = bytearray(end - begin)
                 if f.readinto(buf) != len(buf):

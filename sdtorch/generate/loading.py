@@ -12,6 +12,7 @@ from sdtorch.adapters.fast import fast_layout
 from sdtorch.config import ModelConfig, Prediction
 from sdtorch.families import describe
 from sdtorch.formats import checkpoint
+from sdtorch.generate.offload import Offload
 from sdtorch.generate.pipeline import Pipeline
 from sdtorch.models.clip import ClipTextModel
 from sdtorch.models.taesd import TinyDecoder, config_from_keys, taesd_keys
@@ -35,14 +36,16 @@ OPENVINO_CACHE = Path(os.environ.get("SDTORCH_CACHE", Path.home() / ".cache" / "
 
 def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
          prediction: Prediction | None = None, dtype: torch.dtype | str = torch.float32,
-         device: str | torch.device = "cpu", compile: bool | str = False) -> Pipeline:
+         device: str | torch.device = "cpu", compile: bool | str = False, low_memory: bool = False) -> Pipeline:
     """Load a single-file checkpoint (.safetensors / .ckpt) or a diffusers folder; with no path,
     the built-in emoji model shipped in the package (64x64, trained by `scripts/train_builtin.sh`).
 
     The model is detected from the keys and shapes unless `config` is given; the prediction type
     (eps / v) can be given, else it is read from the file's metadata or guessed (and logged).
     In bfloat16/float16 on the CPU the UNet and VAE use channels-last weights; `compile` runs the
-    UNet through torch.compile (`Pipeline.compile`).
+    UNet through torch.compile (`Pipeline.compile`). low_memory: the text encoders are freed once
+    the prompts are encoded and, for a single file, the UNet is read only after that (and the text
+    encoders again when needed), so they are never in memory together (`sdtorch.generate.offload`).
     """
     if path is None:
         if not BUILTIN.exists():
@@ -50,7 +53,8 @@ def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
                                     "reinstall sdtorch or pass a checkpoint")
         path = BUILTIN
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    ckpt = checkpoint.read(path, config=config, prediction=prediction)
+    lazy = ("unet",) if low_memory and Path(path).is_file() else ()
+    ckpt = checkpoint.read(path, config=config, prediction=prediction, lazy=lazy)
     cfg = ckpt.config
     log.info("loaded %s: %s, prediction %s (%s)", path, describe(cfg), cfg.prediction, ckpt.prediction_source)
     with torch.device("meta"):  # no random init of weights that are about to be replaced
@@ -64,10 +68,14 @@ def load(path: str | Path | None = None, *, config: ModelConfig | None = None,
         clip2 = clip2.to(device)
     elif ckpt.clip2:
         raise checkpoint.CheckpointError(f"{path} has a second text encoder but its config has none (clip2)")
-    if dtype != torch.float32 and torch.device(device).type == "cpu":
+    fast = dtype != torch.float32 and torch.device(device).type == "cpu"
+    if fast:
         unet, vae = fast_layout(unet), fast_layout(vae)
-    pipe = Pipeline(cfg, unet.to(device), vae.to(device), clip.to(device),
+    pipe = Pipeline(cfg, unet if lazy else unet.to(device), vae.to(device), clip.to(device),
                     path=Path(path), prediction_source=ckpt.prediction_source, clip2=clip2)
+    pipe.low_memory = low_memory
+    if lazy:
+        pipe.offload = Offload(Path(path), cfg, dtype, fast)
     if ckpt.encoder_spec is not None:
         pipe.condition_encoder = _condition_encoder(ckpt, device)
     if compile:  # True: inductor; or a backend's name (`Pipeline.compile`)

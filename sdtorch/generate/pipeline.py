@@ -7,7 +7,6 @@ per-step noise draw of the ancestral samplers, in that order.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from pathlib import Path
@@ -34,6 +33,8 @@ from sdtorch.formats.files import sha256
 from sdtorch.generate.concat import inpaint_latents
 from sdtorch.generate.control import controlled_unet
 from sdtorch.generate.guidance import conditions
+from sdtorch.generate.vae import decode as vae_decode, encode as vae_encode
+from sdtorch.generate.offload import Offload, text_encoded, text_needed, unet_needed
 from sdtorch.generate.images import ImageLike, extend_canvas, img2img_start, open_image
 from sdtorch.generate.output import save_png, to_pil  # noqa: F401  (re-exported)
 from sdtorch.generate.params import GenerationParams, validate  # noqa: F401  (re-exported)
@@ -81,7 +82,8 @@ class Pipeline:
         # DeepCache (sdtorch.adapters.deepcache): (interval, branch) reuses deep UNet features between
         # full calls; an approximation, None = off.
         self.deep_cache: tuple[int, int] | None = None
-        self.low_memory = False  # free the text encoders once a run's prompts are encoded
+        self.low_memory = False  # free the text encoders once a run's prompts are encoded (`generate.offload`)
+        self.offload: Offload | None = None  # the file a low-memory pipeline reads its weights from when needed
         # Per-request settings (`run`) are applied to the fields above for the length of one run
         # and restored after it; this lock makes those scoped patches safe across threads.
         self.lock = threading.RLock()
@@ -98,6 +100,7 @@ class Pipeline:
         kept in `cache_dir`). The first call at a new shape compiles (minutes for SD on a small
         CPU); where inductor cannot compile (no C++ compiler, an unsupported op) it warns once and
         runs eagerly."""
+        unet_needed(self)
         if backend == "openvino":
             from sdtorch.adapters.openvino import compile_pipeline
 
@@ -113,7 +116,8 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.time_embed[0].weight.device
+        weight = self.unet.time_embed[0].weight
+        return self.vae.post_quant_conv.weight.device if weight.is_meta else weight.device  # meta: not read yet
 
     @property
     def attention_chunk(self) -> int:
@@ -152,8 +156,7 @@ class Pipeline:
         their states are concatenated; the pooled text is the projecting encoder's (its first chunk).
         """
         syntax = syntax or self.prompt_syntax
-        if self.clip.text_model.final_layer_norm.weight.is_meta:
-            raise RuntimeError("this pipeline's text encoders were freed after encoding (low_memory); load it again")
+        text_needed(self)
         if syntax not in ("a1111", "plain"):
             raise ValueError(f"prompt syntax must be 'a1111' or 'plain', got {syntax!r}")
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -212,8 +215,7 @@ class Pipeline:
         """concat: (B, C', h, w) image channels the UNet takes beside the latents (`generate.concat`);
         wrap(denoiser): a wrapper of the guided denoiser; stop / noised: a hand-off between two models."""
         text = conditions(self, params, concat)  # the prompt read once (LoRAs applied), or the encoder's tokens
-        for clip in self.text_encoders if self.low_memory else ():  # weights released, modules kept (meta)
-            clip.to_empty(device="meta")
+        text_encoded(self)
 
         control = controlled_unet(self, params, start, stop) if params.controls else None
         def make_model(quantize: bool):
@@ -250,11 +252,7 @@ class Pipeline:
     def encode_image(self, image: torch.Tensor, generator: torch.Generator, batch_size: int) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> scaled latents (batch_size, 4, h, w): one posterior sample,
         repeated for the batch (as the reference does)."""
-        image = image.to(self.device)
-        if self._tiled(None, image.shape[-2] * image.shape[-1] // self.vae.downscale**2):
-            posterior = tiling.tiled_encode(self.vae, image, tile=self.vae_tile[0], overlap=self.vae_tile[1])
-        else:
-            posterior = self.vae.encode(image)
+        posterior = vae_encode(self, image.to(self.device))
         z = posterior.sample(generator) * self.config.vae.scaling_factor
         return z.repeat(batch_size, 1, 1, 1)
 
@@ -282,30 +280,8 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1], one image at a time (the memory of one, and
         pixels that do not depend on what else is in the batch). tiled: decode in overlapping
-        tiles of `vae_tile` (sdtorch.adapters.tiling); None: as `tile_vae` says."""
-        if self.decoder == "tiny":
-            return torch.cat([self.tiny_decoder.decode(z[None].to(self.dtype)) for z in latents]).float()
-        z = latents / self.config.vae.scaling_factor
-        image = self._decode(self.vae, z, tiled)
-        dtype = next(self.vae.parameters()).dtype
-        if dtype != torch.float32 and not bool(torch.isfinite(image).all()):
-            # The SDXL VAE overflows in float16: redo this decode in float32 with a copy (the loaded
-            # VAE is shared by every request and stays as it is), never a black image.
-            log.warning("the VAE's %s decode overflowed (NaN/inf); decoding again in float32", dtype)
-            image = self._decode(copy.deepcopy(self.vae).float(), z.float(), tiled)
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    def _decode(self, vae: AutoencoderKL, z: torch.Tensor, tiled: bool | None) -> torch.Tensor:
-        if self._tiled(tiled, z.shape[-2] * z.shape[-1]):
-            def decode(x):
-                return tiling.tiled_decode(vae, x, tile=self.vae_tile[0], overlap=self.vae_tile[1])
-        else:
-            decode = self._vae_decode if self._vae_decode is not None and vae is self.vae else vae.decode
-        return torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
-
-    def _tiled(self, tiled: bool | None, cells: int) -> bool:
-        tiled = self.tile_vae if tiled is None else tiled
-        return cells > tiling.AUTO_CELLS if tiled is None else tiled
+        tiles of `vae_tile` (sdtorch.adapters.tiling); None: as `tile_vae` says (`generate.vae`)."""
+        return vae_decode(self, latents, tiled)
 
     def generate(self, prompt: str, negative_prompt: str = "", *, steps: int = 20,
                  sampler: str = "dpmpp_2m_karras", cfg_scale: float = 7.5, seed: int | None = None,
