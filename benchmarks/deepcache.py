@@ -48,8 +48,11 @@ def run(pipe, prompts: list[str], steps: int, setting: tuple[int, int] | None) -
     return torch.cat(images), (time.perf_counter() - t0) / len(prompts)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def compare(doc: str, run, settings: list[tuple], label) -> None:
+    """The command line and table this benchmark and benchmarks/tome.py share: a warm-up, the exact
+    images, then each setting's seconds per image, speed-up and PSNR against them.
+    run(pipe, prompts, steps, setting or None) -> (images, seconds per image); label(setting) -> row name."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="default: the built-in model")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
@@ -60,14 +63,14 @@ def main() -> None:
     exact, base = run(pipe, prompts, args.steps, None)
     print(f"{pipe.config.name}, {pipe.config.sample_size}x{pipe.config.sample_size}, {len(prompts)} prompts, "
           f"DPM++ 2M Karras {args.steps} steps, CFG 7.5, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'setting':<22}{'s/image':>9}{'speed-up':>10}{'PSNR dB':>9}{'worst dB':>10}")
-    print(f"{'exact':<22}{base:>9.3f}{1.0:>10.2f}{'inf':>9}{'inf':>10}")
-    for interval, branch in SETTINGS:
-        images, seconds = run(pipe, prompts, args.steps, (interval, branch))
+    width = max(22, *(len(label(setting)) + 4 for setting in settings))
+    print(f"{'setting':<{width}}{'s/image':>9}{'speed-up':>10}{'PSNR dB':>9}{'worst dB':>10}")
+    print(f"{'exact':<{width}}{base:>9.3f}{1.0:>10.2f}{'inf':>9}{'inf':>10}")
+    for setting in settings:
+        images, seconds = run(pipe, prompts, args.steps, setting)
         per = [psnr(a, b) for a, b in zip(images, exact)]
-        print(f"{f'interval {interval} branch {branch}':<22}{seconds:>9.3f}{base / seconds:>10.2f}"
-              f"{psnr(images, exact):>9.1f}{min(per):>10.1f}")
+        print(f"{label(setting):<{width}}{seconds:>9.3f}{base / seconds:>10.2f}{psnr(images, exact):>9.1f}{min(per):>10.1f}")
 
 
 if __name__ == "__main__":
-    main()
+    compare(__doc__, run, SETTINGS, lambda s: f"interval {s[0]} branch {s[1]}")

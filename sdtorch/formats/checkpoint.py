@@ -253,7 +253,8 @@ def read(
         encoder, encoder_spec = {}, None
         config = config or folder_cfg
     else:
-        sd, meta = read_state_dict(path, lambda key: key.startswith(tuple(p for n in lazy for p in LAZY[n])))
+        unread = tuple(p for n in lazy for p in LAZY[n])
+        sd, meta = read_state_dict(path, lambda key: key.startswith(unread))  # () starts no key
         if BASE_KEY in meta:
             sd = _with_base(sd, meta[BASE_KEY], path)
         encoder, encoder_spec = _condition_encoder(sd, meta, path)
