@@ -270,10 +270,10 @@ def test_command_line_upscale(upscaler, tmp_path):
 
 
 def test_server_hires_fix_with_an_x4_upscaler_model(upscaler, tmp_path):
-    """An x4 upscaler in --models-dir is offered as an upscaler and used as hr_upscaler: the same
-    image as the Python API's hires fix with that model."""
+    """An x4 upscaler in --models-dir is offered as an upscaler and used as hr_upscaler (the same
+    image as the Python API's hires fix with that model) and as the Extras tab's upscaler_1."""
     from fastapi.testclient import TestClient
-    from test_serve import make_service, png_b64  # noqa: F401
+    from test_serve import make_service, png_b64
 
     from sdtorch.generate.hires import HiresFix
     from sdtorch.serve.app import create_app
@@ -293,11 +293,19 @@ def test_server_hires_fix_with_an_x4_upscaler_model(upscaler, tmp_path):
             assert r.status_code == 200, r.text
             bad = client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "x8"})
             assert bad.status_code == 422 and "x4" in bad.json()["detail"]
+            extras = client.post("/sdapi/v1/extra-single-image",
+                                 json={"image": png_b64(low_res()), "upscaler_1": "x4", "upscaling_resize": 4})
+            assert extras.status_code == 200, extras.text
     finally:
         service.stop()
     import base64
     import io
 
+    from sdtorch.generate.hires import model_upscale
+
+    upscaled = Image.open(io.BytesIO(base64.b64decode(extras.json()["image"])))
+    assert upscaled.size == (64, 64) and upscaled.info["postprocessing"].endswith("Postprocess upscaler: x4")
+    assert np.array_equal(np.asarray(upscaled), np.asarray(model_upscale(ours, low_res())))
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert got.size == (128, 128) and "Hires upscaler: x4" in got.info["parameters"]
     builtin = sdtorch.load()

@@ -77,6 +77,14 @@ def test_webuiapi_client_works_unchanged(live, tmp_path):
     plain = api.img2img(images=[r.image], prompt="a green apple", seed=5, steps=6, width=64, height=64)
     assert plain.image.size == (64, 64) and "Denoising strength: 0.75" in plain.info["infotexts"][0]
 
+    up = api.extra_single_image(image=r.image, upscaler_1="Lanczos", upscaling_resize=2)
+    assert up.image.size == (128, 128) and up.info == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>"
+    assert np.array_equal(pixels(up.image), pixels(r.image.resize((128, 128), Image.LANCZOS)))
+    assert up.image.info["parameters"] == r.info["infotexts"][0]
+    batch = api.extra_batch_images(images=[r.image, plain.image], upscaler_1="Nearest", resize_mode=1,
+                                   upscaling_resize_w=96, upscaling_resize_h=96)
+    assert [im.size for im in batch.images] == [(96, 96), (96, 96)]
+
 
 def run_in_thread(fn):
     out: dict = {}

@@ -87,14 +87,20 @@ def upscale_image(image: Image.Image, fix: HiresFix, size: tuple[int, int, int, 
     image's seed), whose prompt, negative prompt and CFG an upscaler model uses."""
     cw, ch, fw, fh = size
     if fix.model is not None:
-        from sdtorch.generate.request import GenerationRequest
-
-        request = GenerationRequest(second.prompt, second.negative_prompt, steps=fix.model_steps, sampler="euler",
-                                    scheduler="automatic", cfg_scale=second.cfg_scale, seed=second.seed,
-                                    init_image=image.convert("RGB"))
-        image = fix.model.run(request).images[0]
+        image = model_upscale(fix.model, image, second.prompt, second.negative_prompt, second.cfg_scale, second.seed,
+                              fix.model_steps)
         return ImageOps.fit(image.resize((cw, ch), Image.LANCZOS), (fw, fh), Image.LANCZOS)
     return ImageOps.fit(image.convert("RGB").resize((cw, ch), PIXEL[fix.upscaler]), (fw, fh), PIXEL[fix.upscaler])
+
+
+def model_upscale(model, image: Image.Image, prompt: str = "", negative_prompt: str = "", cfg_scale: float = 7.0,
+                  seed: int = 0, steps: int = 20, cancel=None) -> Image.Image:
+    """One pass of a loaded x4 upscaler `Pipeline` over `image` (Euler, its default noise level)."""
+    from sdtorch.generate.request import GenerationRequest
+
+    request = GenerationRequest(prompt, negative_prompt, steps=steps, sampler="euler", scheduler="automatic",
+                                cfg_scale=cfg_scale, seed=seed, init_image=image.convert("RGB"))
+    return model.run(request, cancel=cancel).images[0]
 
 
 def infotext_fields(fix: HiresFix, width: int, height: int) -> dict:

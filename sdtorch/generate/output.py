@@ -28,10 +28,11 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 def png_bytes(image) -> bytes:
-    """The PNG file of an image, with its `parameters` chunk."""
+    """The PNG file of an image, with its `parameters` chunk (and A1111's `postprocessing` one)."""
     info = PngInfo()
-    if "parameters" in image.info:
-        info.add_text("parameters", image.info["parameters"])
+    for key in ("parameters", "postprocessing"):
+        if key in image.info:
+            info.add_text(key, image.info[key])
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

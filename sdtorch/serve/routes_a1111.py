@@ -1,8 +1,10 @@
 """AUTOMATIC1111's HTTP API (1.10 paths, field names and response shapes) on the job queue:
-txt2img / img2img are queued like any job and answered when it finishes."""
+txt2img / img2img (and the Extras tab's upscaling, `sdtorch.serve.extras`) are queued like any job
+and answered when it finishes."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -13,7 +15,7 @@ from sdtorch.generate import RequestError
 from sdtorch.generate.infotext import parse_infotext
 from sdtorch.sampling import samplers
 from sdtorch.sampling.schedulers import SCHEDULERS
-from sdtorch.serve import a1111, controlnet
+from sdtorch.serve import a1111, controlnet, extras
 from sdtorch.serve.images import decode_image, encode_png
 from sdtorch.serve.service import Service
 
@@ -46,6 +48,26 @@ def _generation(app: FastAPI, service: Service) -> None:
     @app.post("/sdapi/v1/img2img")
     async def img2img(req: a1111.Img2Img):
         return await run("img2img", req)
+
+    async def run_extras(kind: str, req: extras._Extras):
+        job = await service.wait(service.submit_extras(kind, req).id)
+        if job.state != "completed":
+            reason = job.error or f"the job was {job.state}"
+            return JSONResponse({"error": "PostprocessingError", "detail": reason, "errors": reason}, status_code=500)
+        images = [encode_png(service.store.image_bytes(job.id, n)) for n in range(job.images)]
+        images = images if req.show_extras_results else []
+        html_info = json.loads(job.info)["html_info"]
+        if kind == "extra-single-image":
+            return {"html_info": html_info, "image": images[0] if images else None}
+        return {"html_info": html_info, "images": images}
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(req: extras.ExtrasSingle):
+        return await run_extras("extra-single-image", req)
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch_images(req: extras.ExtrasBatch):
+        return await run_extras("extra-batch-images", req)
 
 
 def _state(app: FastAPI, service: Service) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sdtorch.conditioning.styles import read_styles
 from sdtorch.generate import RequestError
-from sdtorch.serve import a1111
+from sdtorch.serve import a1111, extras
+from sdtorch.serve.images import decode_image
 from sdtorch.serve.models import Models, default_lora_dir
 from sdtorch.serve.store import FINISHED, Job, Store
 from sdtorch.serve.worker import Worker
@@ -147,6 +148,18 @@ class Service:
                    upscaler=lambda name: self.models.find_upscaler(name).title)
         record = {"body": req.model_dump(exclude_unset=True), "seed": seed, "subseed": subseed, "options": options}
         job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
+        if job is None:
+            raise QueueFull(self.retry_after())
+        self.worker.dispatch(job)
+        return job
+
+    def submit_extras(self, kind: str, req: extras._Extras) -> Job:
+        """Validate an Extras request (upscaler names, images, output size) and queue it."""
+        extras.check(req, self.models.find_upscaler)
+        extras.check_size(req, extras.inputs(req, decode_image))
+        model = next((self.models.find_upscaler(n).title for n in extras.used(req) if n not in extras.BUILT_IN), "")
+        job = self.store.add(kind, model, {"body": req.model_dump(exclude_unset=True)},
+                             max_queue=self.settings.max_queue)
         if job is None:
             raise QueueFull(self.retry_after())
         self.worker.dispatch(job)

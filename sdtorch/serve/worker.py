@@ -22,9 +22,10 @@ from typing import Callable
 
 from sdtorch.families import concat_kind
 from sdtorch.generate import Cancelled, CancelToken, png_bytes
-from sdtorch.generate.hires import total_steps
+from sdtorch.generate.hires import model_upscale, total_steps
 from sdtorch.sampling.noise import image_seeds
-from sdtorch.serve import a1111
+from sdtorch.serve import a1111, extras
+from sdtorch.serve.images import decode_image
 from sdtorch.serve.models import Models
 from sdtorch.serve.preview import make_previewer
 from sdtorch.serve.store import Job, Store
@@ -175,6 +176,8 @@ class Worker:
         self.on_finish(job.id)
 
     def _execute(self, job: Job) -> tuple[str, int]:
+        if job.kind in extras.KINDS:
+            return self._extras(job)
         pipe = self.models.get(job.model)
         req = a1111.parse(job.kind, job.request["body"])
         plan = a1111.plan(req, native=pipe.config.sample_size, downscale=pipe.vae.downscale,
@@ -216,6 +219,27 @@ class Worker:
         if not self.store.complete(job.id, len(images), json.dumps(info)):
             raise Cancelled("the job was no longer running")
         return "completed", len(images)
+
+    def _extras(self, job: Job) -> tuple[str, int]:
+        """A1111's Extras upscaling (`sdtorch.serve.extras`) of each image of the request."""
+        req = extras.parse(job.kind, job.request["body"])
+        p = self.progress
+        p.job, p.kind, p.started = job.id, job.kind, time.monotonic()
+        token = p.token
+        models = {}
+        for name in extras.used(req):
+            if name not in extras.BUILT_IN:
+                pipe = self.models.companion(self.models.find_upscaler(name).title, "upscaler")
+                models[name] = lambda image, pipe=pipe: model_upscale(pipe, image, cancel=token)
+        infos = []
+        for n, source in enumerate(extras.inputs(req, decode_image)):
+            out, info = extras.process(source, req, models)
+            self.store.save_image(job.id, n, png_bytes(extras.finish(out, source, info)))
+            infos.append(info)
+        info = {"html_info": extras.html_info(infos), "postprocessing": [extras.infotext(i) for i in infos]}
+        if not self.store.complete(job.id, len(infos), json.dumps(info)):
+            raise Cancelled("the job was no longer running")
+        return "completed", len(infos)
 
     def _on_step(self, job: Job, pipe, offset: int):
         p = self.progress
