@@ -29,7 +29,7 @@ from sdtorch.formats import checkpoint
 from sdtorch.models.condition import Condition
 from sdtorch.models.unet import UNetModel
 from sdtorch.sampling.schedule import alphas_cumprod
-from sdtorch.training.jobs import UNetJob
+from sdtorch.training.jobs import UNetJob, widen_input
 from sdtorch.training.train import rand_per_sample, randn_per_sample
 
 
@@ -66,20 +66,6 @@ def silhouette_depth(images: torch.Tensor, blur: float = 0.08) -> torch.Tensor:
     return (0.5 + 0.5 * dome / dome.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)).mul(shape)[:, 0]
 
 
-def widen(unet: UNetModel, cfg) -> UNetModel:
-    """A copy of `unet` built from `cfg` (more input channels, maybe class labels): every weight
-    `unet` has kept, the new input channels and a new class embedding zero, so it computes what
-    `unet` did until training moves them."""
-    wide = UNetModel(cfg)
-    sd = unet.state_dict()
-    old = sd["input_blocks.0.0.weight"]
-    first = torch.zeros(old.shape[0], cfg.in_channels, *old.shape[2:], dtype=old.dtype)
-    first[:, : old.shape[1]] = old
-    new = {k: torch.zeros_like(v) for k, v in wide.state_dict().items() if k not in sd}
-    wide.load_state_dict(sd | new | {"input_blocks.0.0.weight": first})
-    return wide
-
-
 class _ConcatJob(UNetJob):
     """UNetJob for a UNet with `extra` more input channels (and `classes` class labels), widened
     from `unet`; a subclass's `inputs` says what goes beside the latents."""
@@ -92,16 +78,17 @@ class _ConcatJob(UNetJob):
         unet = replace(base.unet, in_channels=base.unet.in_channels + cls.extra, num_classes=cls.classes)
         return replace(base, name=name, unet=unet)
 
-    def __init__(self, cfg: ModelConfig, vae, clip, *, unet: UNetModel, **kw):
+    def __init__(self, cfg: ModelConfig, vae, clip, *, unet: UNetModel, base: str = "emoji.safetensors", **kw):
         if unet.cfg.in_channels != cfg.unet.in_channels:
-            unet = widen(unet, cfg.unet)
+            unet = widen_input(unet, cfg.unet)
         super().__init__(cfg, vae, clip, unet=unet, **kw)
+        self.base = base  # the file whose VAE and text encoder the exported UNet shares
 
     def samples(self, ema: dict[str, nn.Module], step: int):
         return None  # previews need input images: benchmarks/concat.py draws and scores them
 
     def export(self, ema: dict[str, nn.Module], path, dtype: torch.dtype | None = torch.float16):
-        return checkpoint.save_unet(path, ema["unet"], self.cfg, base="emoji.safetensors", dtype=dtype)
+        return checkpoint.save_unet(path, ema["unet"], self.cfg, base=self.base, dtype=dtype)
 
 
 class EditJob(_ConcatJob):

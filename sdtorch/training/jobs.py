@@ -270,14 +270,16 @@ class ControlNetJob(UNetJob):
 
 
 def widen_input(unet: UNetModel, cfg) -> UNetModel:
-    """A copy of `unet` with `cfg.in_channels` input channels: the old ones' weights kept, the new
-    ones' zero (the UNet computes exactly what it did until training moves them)."""
+    """A copy of `unet` built from `cfg` (more input channels, maybe class labels): the old weights
+    kept, the new input channels' and a new class embedding's zero (the UNet computes exactly what
+    it did until training moves them)."""
     wide = UNetModel(cfg)
     sd = unet.state_dict()
     old = sd["input_blocks.0.0.weight"]
-    new = torch.zeros(old.shape[0], cfg.in_channels, *old.shape[2:], dtype=old.dtype)
-    new[:, : old.shape[1]] = old
-    wide.load_state_dict(sd | {"input_blocks.0.0.weight": new})
+    first = torch.zeros(old.shape[0], cfg.in_channels, *old.shape[2:], dtype=old.dtype)
+    first[:, : old.shape[1]] = old
+    new = {k: torch.zeros_like(v) for k, v in wide.state_dict().items() if k not in sd}
+    wide.load_state_dict(sd | new | {"input_blocks.0.0.weight": first})
     return wide
 
 
