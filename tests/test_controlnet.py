@@ -247,6 +247,20 @@ def test_cli_generate_with_a_controlnet_and_canny(tiny_file, tmp_path):
     assert main([*common, "--control", f"{tmp_path / 'missing'}:{tmp_path / 'shape.png'}"]) == 2
     assert main([*common, "--control", f"{tmp_path / 'control_tiny'}:{tmp_path / 'shape.png'}",
                  "--control-preprocess", "depth_midas"]) == 2
+    # an inpaint ControlNet: the mask from --control-mask, or the inpaint command's --mask
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "white.png")
+    spec = f"{tmp_path / 'control_tiny'}:{tmp_path / 'white.png'}"
+    assert main([*common, "--control", spec, "--control-preprocess", "inpaint"]) == 2  # no mask
+    assert main([*common, "--out", str(tmp_path / "cn_inpaint"), "--control", spec, "--control-preprocess", "inpaint",
+                 "--control-mask", str(tmp_path / "mask.png")]) == 0
+    assert main(["inpaint", str(tmp_path / "white.png"), "a ball", "--mask", str(tmp_path / "mask.png"), "-c",
+                 *base[:-4], "--out", str(tmp_path / "inpaint"), "--control", spec, "--control-preprocess", "inpaint_only"]) == 0
+    masked, = (tmp_path / "cn_inpaint").glob("*.png")
+    assert "Module: inpaint" in Image.open(masked).info["parameters"]
+    assert np.abs(np.asarray(Image.open(masked), np.float32) - a).max() > 5
 
 
 # --- SDXL: against StableDiffusionXLControlNetPipeline, and with the refiner -------------------------
@@ -343,3 +357,42 @@ def test_controlnet_training_starts_as_no_change_and_writes_a_loadable_file(tiny
     loaded = cn_format.load(path, pipe.config.unet)
     assert loaded.title == "control_tiny"
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ema["controlnet"].state_dict().values()))
+
+
+def test_inpaint_controlnet_unit_marks_the_mask_and_matches_diffusers(controlled, parity_log):
+    """An inpaint ControlNet's unit: the control image with -1 under the mask (diffusers'
+    make_inpaint_condition), the mask resized with the image; txt2img against
+    StableDiffusionControlNetPipeline given that condition tensor."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+
+    from sdtorch.adapters.control import ControlUnit, control_hint
+    from sdtorch.generate.request import GenerationRequest, RequestError
+
+    ours, folder, nets = controlled
+    image = _hints(1)[0]
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 20:52] = 1
+    unit = ControlUnit(nets[0][1], image, weight=0.9, mask=mask, module="inpaint")
+    condition = image.clone()
+    condition[mask.expand_as(image) > 0.5] = -1.0  # as diffusers' docs make it
+    assert torch.equal(control_hint(unit, 64, 64), condition)
+    small = ControlUnit(nets[0][1], image[..., ::2, ::2], mask=mask[..., ::2, ::2], module="inpaint")
+    assert torch.equal(control_hint(small, 64, 64) == -1, mask.expand(1, 3, -1, -1) > 0.5)  # resized together
+    with pytest.raises(RequestError, match="needs a mask"):
+        GenerationRequest(PROMPT, controls=(replace(unit, mask=None),)).validate()
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=nets[0][0], safety_checker=None,
+                                                             requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(PROMPT, image=condition, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5,
+                  height=64, width=64, num_images_per_prompt=2, controlnet_conditioning_scale=0.9,
+                  generator=torch.Generator("cpu").manual_seed(1234), output_type="pt").images
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=6, sampler="euler", scheduler="automatic", seed=1234,
+                                width=64, height=64, batch_size=2, prompt_syntax="plain", controls=(unit,))
+    got = torch.stack([_tensor(im) for im in ours.run(request).images])
+    unmasked = _tensor(ours.run(replace(request, controls=(replace(unit, mask=None, module="none"),))).images[0])
+    psnr = 10 * math.log10(1 / max((got - theirs.float()).pow(2).mean().item(), 1e-12))
+    parity_log("inpaint controlnet txt2img PSNR (8-bit images)", psnr, worst=min)
+    assert psnr >= 45, psnr
+    assert (got[0] - unmasked).abs().max() > 0.01  # the mask reached the ControlNet

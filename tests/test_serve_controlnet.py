@@ -133,7 +133,9 @@ def test_bad_units_are_refused_by_name(live):
         (unit(wieght=1), "wieght"),
         (unit(image=None), "needs an image"),
         (unit(model="None"), "model_list"),
-        (unit(mask=image), "mask"),
+        (unit(mask=image), "masks are for the inpaint modules"),
+        (unit(module="inpaint"), "needs a mask"),
+        (unit(module="inpaint_only", mask=image), "inpaint_only keeps the unmasked pixels"),
         ({**base, "alwayson_scripts": {"controlnet": {"args": ["canny"]}}}, "object"),
         ({**base, "alwayson_scripts": {"adetailer": {"args": []}}}, "adetailer"),
         ({**base, "enable_hr": True, **unit(hr_option="Low res only")}, "hr_option"),
@@ -145,3 +147,32 @@ def test_bad_units_are_refused_by_name(live):
     assert status == 500 and "cannot control" in out["detail"], out  # another family: refused when loaded
     status, out = request("POST", f"{url}/sdapi/v1/txt2img", unit(enabled=False, model="cn_missing"))
     assert status == 200 and len(out["images"]) == 1  # a disabled unit is not read
+
+
+def test_inpaint_units_take_their_mask_or_the_inpainting_requests(live, builtin):
+    _, api, cn_dir = live
+    source = shape_image()
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    unit = webuiapi.ControlNetUnit(image=source, mask=mask, module="inpaint", model="cn_emoji", weight=0.9)
+    r = api.txt2img(**PROMPT, controlnet_units=[unit], alwayson_scripts={})
+    assert len(r.images) == 2  # the image, then the map: the masked part black
+    assert pixels(r.images[1])[32, 32].tolist() == [0, 0, 0] and pixels(r.images[1])[2, 2].tolist() == [255] * 3
+    model = cn_format.load(cn_dir / "cn_emoji.safetensors", builtin.config.unet)
+    ours = builtin.run(GenerationRequest(
+        prompt=PROMPT["prompt"], seed=PROMPT["seed"], steps=4, sampler="euler", scheduler="automatic", width=64,
+        height=64, cfg_scale=6, seed_mode="a1111",
+        controls=(ControlUnit(model, source, 0.9, resize="fill", module="inpaint", mask=mask),)))
+    assert np.array_equal(pixels(r.image), pixels(ours.images[0])), "the server and the Python API disagree"
+    assert parse_infotext(r.info["infotexts"][0])["ControlNet 0"].startswith("Module: inpaint, Model: cn_emoji [")
+
+    common = dict(images=[source], mask_image=mask, prompt="an apple", seed=2, steps=4, width=64, height=64,
+                  denoising_strength=0.9, mask_blur=0, inpaint_full_res=False)
+    implied = api.img2img(**common, controlnet_units=[webuiapi.ControlNetUnit(module="inpaint_only", model="cn_emoji")],
+                          alwayson_scripts={})
+    given = api.img2img(**common, controlnet_units=[webuiapi.ControlNetUnit(image=source, mask=mask, module="inpaint_only",
+                                                                            model="cn_emoji")], alwayson_scripts={})
+    plain = api.img2img(**common, alwayson_scripts={})
+    assert np.array_equal(pixels(implied.image), pixels(given.image))  # the request's image and mask by default
+    assert pixels(implied.image)[2, 2].tolist() == pixels(source)[2, 2].tolist()  # outside the mask: kept
+    assert np.abs(pixels(implied.image) - pixels(plain.image)).max() > 0  # the unit acted

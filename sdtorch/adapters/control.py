@@ -7,6 +7,8 @@ controlled when start <= i / n and (i + 1) / n <= end, as diffusers counts it) a
 important": residual k of 13 times 0.825^(12 - k)), "control" ("ControlNet is more important": those
 soft weights, on the conditional half of a guided batch only) and "guess" (diffusers' guess_mode:
 weights from 0.1 to 1 on a log scale, conditional half only). Several units' residuals add up.
+Inpaint ControlNets (control_v11p_sd15_inpaint) take a unit with a mask: the control image with
+-1 where the mask is white (> 0.5), as they were trained (diffusers' make_inpaint_condition).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ RESIZE_MODES = {"crop": "Crop and Resize", "just": "Just Resize", "fill": "Resiz
 class ControlUnit:
     """model: a loaded `sdtorch.models.controlnet.ControlNet`; image: the control image (PIL, or a
     (1 or B, C, H, W) tensor in [0, 1]), resized to the output per `resize`; module: the
-    preprocessor that made the image (for the infotext)."""
+    preprocessor that made the image (for the infotext); mask (inpaint ControlNets; PIL or a
+    (1, 1, H, W) tensor in [0, 1]): white = to repaint, marked -1 in the control image."""
 
     model: Any
     image: Any
@@ -36,8 +39,11 @@ class ControlUnit:
     mode: str = "balanced"
     resize: str = "crop"
     module: str = "none"
+    mask: Any = None
 
     def validate(self) -> None:
+        if self.module.startswith("inpaint") and self.mask is None:
+            raise ValueError(f"the {self.module} module needs a mask (white = to repaint)")
         if self.mode not in MODES:
             raise ValueError(f"control mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.resize not in RESIZE_MODES:
@@ -91,6 +97,16 @@ def control_image(image, width: int, height: int, resize: str = "crop") -> torch
         return image[..., top : top + height, left : left + width]
     top, left = (height - nh) // 2, (width - nw) // 2
     return F.pad(image, (left, width - nw - left, top, height - nh - top))
+
+
+def control_hint(unit: ControlUnit, width: int, height: int) -> torch.Tensor:
+    """The unit's control image at the output size; with a mask (resized the same way), -1 where it
+    is above 0.5."""
+    hint = control_image(unit.image, width, height, unit.resize)
+    if unit.mask is None:
+        return hint
+    mask = control_image(unit.mask, width, height, unit.resize)[:, :1]
+    return hint.masked_fill(mask > 0.5, -1.0)
 
 
 class ControlledUNet:

@@ -11,7 +11,7 @@ import random
 import sys
 from pathlib import Path
 
-from sdtorch.cli.control import control_unit
+from sdtorch.cli.control import add_control_arguments, control_unit
 from sdtorch.cli.speed import speed_options
 from sdtorch.sampling import samplers
 from sdtorch.sampling.schedulers import SCHEDULERS
@@ -68,15 +68,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", metavar="PATH", default=None,
                    help="SDXL refiner checkpoint: takes over at --refiner-switch-at of the steps (A1111's refiner)")
     p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F")
-    p.add_argument("--control", action="append", default=[], metavar="PATH:IMAGE[:WEIGHT]",
-                   help="a ControlNet file or folder and its control image (repeatable: several add up)")
-    p.add_argument("--control-preprocess", default="none", metavar="NAME",
-                   help="make the control images with: none, canny, invert, blur_gaussian")
-    p.add_argument("--control-mode", default="balanced", choices=["balanced", "prompt", "control", "guess"],
-                   help="balanced, prompt (my prompt is more important), control (ControlNet is more important), "
-                        "guess (diffusers' guess mode)")
-    p.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
-    p.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
+    add_control_arguments(p)
     p.add_argument("--low-memory", action="store_true",
                    help="text encoders freed once the prompts are encoded, a single file's UNet read only then "
                         "(never both in memory), the VAE tiled from 1024x1024")

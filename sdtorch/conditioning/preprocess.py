@@ -1,8 +1,12 @@
 """Control-image preprocessors that need no downloaded weights (sd-webui-controlnet's module names):
 "none", "canny" (OpenCV's Canny edges; thresholds A1111's defaults 100 / 200), "invert" (white
 lines on black from black on white), "blur_gaussian" (for tile / blur ControlNets; sigma in
-pixels), "tile_resample" (for tile ControlNets: the image made threshold_a times smaller). Each
-maps a PIL image to the RGB control image its ControlNet was trained on."""
+pixels), "tile_resample" (for tile ControlNets: the image made threshold_a times smaller), and the
+inpaint modules "inpaint" (the extension's inpaint_global_harmonious: the whole image is made
+anew, guided by the unmasked part) and "inpaint_only" (within an inpainting request, which keeps
+the unmasked pixels): the image as it is, marked -1 under the unit's mask when it is applied
+(`sdtorch.adapters.control.control_hint`). Each maps a PIL image to the RGB control image its
+ControlNet was trained on."""
 
 from __future__ import annotations
 
@@ -34,7 +38,11 @@ PREPROCESSORS = {
     "invert": lambda image, a=None, b=None: ImageOps.invert(image.convert("RGB")),
     "blur_gaussian": lambda image, a=None, b=None: image.convert("RGB").filter(ImageFilter.GaussianBlur(9 if a is None else a)),
     "tile_resample": lambda image, a=None, b=None: _tile_resample(image, 1.0 if a is None else a),
+    "inpaint": lambda image, a=None, b=None: image.convert("RGB"),
+    "inpaint_global_harmonious": lambda image, a=None, b=None: image.convert("RGB"),  # the same, by its label
+    "inpaint_only": lambda image, a=None, b=None: image.convert("RGB"),
 }
+INPAINT = ("inpaint", "inpaint_global_harmonious", "inpaint_only")  # the modules that need a mask
 
 
 def preprocess(name: str, image: Image.Image, threshold_a: float | None = None,

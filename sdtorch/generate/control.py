@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sdtorch.adapters.control import ControlledUNet, control_image
+from sdtorch.adapters.control import ControlledUNet, control_hint
 from sdtorch.formats.controlnet import check_fits
 from sdtorch.generate.request import RequestError
 from sdtorch.sampling import samplers
@@ -22,7 +22,7 @@ def controlled_unet(pipe, params, start: int, stop: int | None) -> Callable[[boo
             check_fits(unit.model.cfg, pipe.config.unet)
         except ValueError as e:
             raise RequestError("controls", str(e)) from None
-        hint = control_image(unit.image, params.width, params.height, unit.resize)
+        hint = control_hint(unit, params.width, params.height)
         units.append((unit, hint.to(pipe.device, unit.model.dtype)))
     schedule = pipe.config.schedule
     sigmas, _ = grid(*samplers.resolve(params.sampler, params.scheduler), params.steps, schedule)

@@ -196,9 +196,9 @@ def _controls(req: _Common, base: GenerationRequest, controlnet: Callable[[str],
     def unknown(name: str):
         raise KeyError(f"unknown ControlNet model {name!r}; this server offers none (see --controlnet-dir)")
 
-    init = base.init_image if isinstance(req, Img2Img) else None
+    init, mask = (base.init_image, base.mask) if isinstance(req, Img2Img) else (None, None)
     hires = isinstance(req, Txt2Img) and req.enable_hr
-    got = cn.units(args, base.width, base.height, controlnet or unknown, init_image=init, hires=hires)
+    got = cn.units(args, base.width, base.height, controlnet or unknown, init_image=init, init_mask=mask, hires=hires)
     return replace(base, controls=tuple(got.units)), got.maps
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass

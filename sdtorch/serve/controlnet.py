@@ -8,11 +8,16 @@ A1111's legacy one (8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB). 
 model by that title or by its name alone.
 
 Unit fields are the extension's. Honoured: enabled, image (or input_image; a base64 string or
-{"image": ..., "mask": ...} without a mask), module, model, weight, resize_mode, processor_res,
+{"image": ..., "mask": ...}), mask, module, model, weight, resize_mode, processor_res,
 threshold_a, threshold_b, guidance_start, guidance_end, control_mode (or the old guessmode),
 pixel_perfect, save_detected_map (the preprocessed map is appended to the images, as the extension
 does). low_vram is accepted and means nothing on this server. hr_option other than "Both" with a
-hires fix, and masks, are refused.
+hires fix is refused.
+
+Masks are for the inpaint modules (inpaint ControlNets): "inpaint" / "inpaint_global_harmonious"
+takes the unit's mask or, in an img2img inpainting request, that request's mask; "inpaint_only"
+only within an inpainting request (which keeps the unmasked pixels). A mask on another module is
+refused.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Callable
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sdtorch.conditioning.preprocess import PREPROCESSORS, preprocess
+from sdtorch.conditioning.preprocess import INPAINT, PREPROCESSORS, preprocess
 from sdtorch.generate import RequestError
 from sdtorch.serve import images as imgs
 
@@ -45,6 +50,7 @@ SLIDERS = {
     "invert": (RES,),
     "blur_gaussian": (RES, ("Sigma", 9.0, 0.01, 64.0)),
     "tile_resample": (("Down Sampling Rate", 1.0, 1.0, 8.0),),
+    "inpaint": (), "inpaint_global_harmonious": (), "inpaint_only": (),
 }
 
 
@@ -193,9 +199,10 @@ def detect(fields: dict, image: Image.Image) -> Image.Image:
 
 
 def units(args: list, width: int, height: int, resolve: Callable[[str], Any], *, init_image: Image.Image | None = None,
-          hires: bool = False) -> Units:
+          init_mask: Image.Image | None = None, hires: bool = False) -> Units:
     """The request's enabled units as `ControlUnit`s; `resolve(model name)` gives the loaded
-    ControlNet (or, when only checking a request, raises KeyError for an unknown name)."""
+    ControlNet (or, when only checking a request, raises KeyError for an unknown name);
+    `init_image` / `init_mask`: an img2img request's (inpainting) image and mask."""
     from sdtorch.adapters.control import ControlUnit
 
     out = Units([], [])
@@ -205,8 +212,7 @@ def units(args: list, width: int, height: int, resolve: Callable[[str], Any], *,
         if not unit.enabled:
             continue
         image = _unit_image(unit, field, init_image)
-        if unit.mask or (isinstance(unit.image, dict) and unit.image.get("mask")):
-            raise RequestError(field, f"{field}.mask: masks (inpaint ControlNets) are not supported")
+        mask = _unit_mask(unit, field, init_mask)
         if hires and unit.hr_option != "Both":
             raise RequestError(field, f"{field}.hr_option: only 'Both' (control in both passes) is supported")
         mode = _choice(CONTROL, 2 if unit.guessmode else unit.control_mode, f"{field}.control_mode")
@@ -219,10 +225,35 @@ def units(args: list, width: int, height: int, resolve: Callable[[str], Any], *,
         except KeyError as e:
             raise RequestError(field, f"{field}.model: {e.args[0]}") from None
         out.units.append(ControlUnit(model, detected, unit.weight, unit.guidance_start, unit.guidance_end, mode,
-                                     resize, module=unit.module))
+                                     resize, module=unit.module, mask=mask))
         if unit.save_detected_map and unit.module != "none":
-            out.maps.append(detected)
+            out.maps.append(detected if mask is None else _masked_view(detected, mask))
     return out
+
+
+def _unit_mask(unit: UnitArgs, field: str, init_mask: Image.Image | None) -> Image.Image | None:
+    """The unit's mask (its own, or an inpainting request's for the inpaint modules); None for others."""
+    data = unit.mask or (unit.image.get("mask") if isinstance(unit.image, dict) else None)
+    if unit.module not in INPAINT:
+        if data:
+            raise RequestError(field, f"{field}.mask: masks are for the inpaint modules ({', '.join(INPAINT)}), "
+                                      f"not {unit.module!r}")
+        return None
+    if unit.module == "inpaint_only" and init_mask is None:
+        raise RequestError(field, f"{field}.module: inpaint_only keeps the unmasked pixels, which needs an img2img "
+                                  "inpainting request (init_images and mask); in txt2img use 'inpaint'")
+    if data:
+        return imgs.decode_image(data, f"{field}.mask").convert("L")
+    if init_mask is None:
+        raise RequestError(field, f"{field}.mask: the {unit.module} module needs a mask (white = to repaint)")
+    return init_mask.convert("L")
+
+
+def _masked_view(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The detected map of an inpaint unit as a picture: the masked part black."""
+    view = image.convert("RGB").copy()
+    view.paste((0, 0, 0), mask=mask.resize(view.size).point(lambda v: 255 if v > 127 else 0))
+    return view
 
 
 def _unit_image(unit: UnitArgs, field: str, init_image: Image.Image | None) -> Image.Image:
@@ -247,7 +278,7 @@ def _preprocess(unit: UnitArgs, image: Image.Image, width: int, height: int, res
         raise RequestError(field, f"{field}.module: unknown module {unit.module!r}; this server has "
                                   f"{', '.join(PREPROCESSORS)} (modules that need downloaded weights are not available)")
     image = image.convert("RGB")
-    if unit.module in ("none", "tile_resample"):
+    if unit.module in ("none", "tile_resample", *INPAINT):
         return preprocess(unit.module, image, *_thresholds(unit))
     res = unit.processor_res if unit.processor_res > 0 else RES[1]
     if unit.pixel_perfect:
