@@ -30,15 +30,18 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
 
 def _generation(app: FastAPI, service: Service) -> None:
-    async def run(kind: str, req: a1111._Common):
-        job = service.submit(kind, req)
-        job = await service.wait(job.id)
+    async def finished(job_id: str, error: str, send: bool):
+        """(the job's base64 images, the job) once it ends, or a 500 response saying why it failed."""
+        job = await service.wait(job_id)
         if job.state != "completed":
             reason = job.error or f"the job was {job.state}"
-            return JSONResponse({"error": "GenerationError", "detail": reason, "errors": reason}, status_code=500)
-        images = []
-        if req.send_images:
-            images = [encode_png(service.store.image_bytes(job.id, n)) for n in range(job.images)]
+            return JSONResponse({"error": error, "detail": reason, "errors": reason}, status_code=500), job
+        return [encode_png(service.store.image_bytes(job.id, n)) for n in range(job.images)] if send else [], job
+
+    async def run(kind: str, req: a1111._Common):
+        images, job = await finished(service.submit(kind, req).id, "GenerationError", req.send_images)
+        if isinstance(images, JSONResponse):
+            return images
         return {"images": images, "parameters": service.parameters(job), "info": job.info}
 
     @app.post("/sdapi/v1/txt2img")
@@ -50,12 +53,9 @@ def _generation(app: FastAPI, service: Service) -> None:
         return await run("img2img", req)
 
     async def run_extras(kind: str, req: extras._Extras):
-        job = await service.wait(service.submit_extras(kind, req).id)
-        if job.state != "completed":
-            reason = job.error or f"the job was {job.state}"
-            return JSONResponse({"error": "PostprocessingError", "detail": reason, "errors": reason}, status_code=500)
-        images = [encode_png(service.store.image_bytes(job.id, n)) for n in range(job.images)]
-        images = images if req.show_extras_results else []
+        images, job = await finished(service.submit_extras(kind, req).id, "PostprocessingError", req.show_extras_results)
+        if isinstance(images, JSONResponse):
+            return images
         html_info = json.loads(job.info)["html_info"]
         if kind == "extra-single-image":
             return {"html_info": html_info, "image": images[0] if images else None}
