@@ -5,13 +5,14 @@ saw (every 20th of the dataset), measured against the truth in one run, with a p
   against the exact edit, beside the PSNR of the unedited source against it (what doing nothing
   scores).
 - x4-upscaler: the emoji made 4x smaller (16x16) and upscaled back with its name as the prompt;
-  PSNR against the original 64x64 emoji, beside bicubic and Lanczos.
+  PSNR against the original 64x64 emoji, and sharpness (neighbour differences) against the
+  original's, beside bicubic and Lanczos.
 - depth: the emoji's stand-in depth (`concat_jobs.silhouette_depth`) and its name, from noise (a
   white init image, strength 1); IoU of the result's drawn shape (its non-white pixels) with the
   depth's shape, beside the built-in text model given the name alone, and the depth model given
   another emoji's depth (IoU with the named emoji's shape, and with the shape it was given).
 
-Usage: python benchmarks/concat.py KIND MODEL.safetensors [--data DIR] [--limit N] [--picture PATH]
+Usage: python benchmarks/concat.py KIND MODEL.safetensors [--data DIR] [--limit N] [--cfg S] [--picture PATH]
 """
 
 from __future__ import annotations
@@ -87,16 +88,23 @@ def upscaled(pipe, image: Image.Image, text: str, seed: int) -> Image.Image:
     return pipe.run(GenerationRequest(text, init_image=low, noise_level=20, seed=seed, **COMMON)).images[0]
 
 
+def sharpness(image: Image.Image) -> float:
+    """Mean absolute difference between neighbouring pixels (what blurring takes away)."""
+    x = np.asarray(image.convert("L"), dtype=np.float64)
+    return float(np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean())
+
+
 def upscales(pipe, items):
-    got, bicubic, lanczos = [], [], []
+    scores = {"x4 upscaler model": ([], []), "bicubic": ([], []), "Lanczos": ([], [])}
     for i, image, text in items:
         low = image.resize((16, 16), Image.BOX)
-        got.append(psnr(upscaled(pipe, image, text, i), image))
-        bicubic.append(psnr(low.resize((64, 64), Image.BICUBIC), image))
-        lanczos.append(psnr(low.resize((64, 64), Image.LANCZOS), image))
-    print("| 16x16 -> 64x64 | PSNR vs the original |\n|---|---|")
-    for name, v in (("x4 upscaler model", got), ("bicubic", bicubic), ("Lanczos", lanczos)):
-        print(f"| {name} | {statistics.mean(v):.2f} dB |")
+        outs = (upscaled(pipe, image, text, i), low.resize((64, 64), Image.BICUBIC), low.resize((64, 64), Image.LANCZOS))
+        for (quality, sharp), out in zip(scores.values(), outs):
+            quality.append(psnr(out, image))
+            sharp.append(sharpness(out) / sharpness(image))
+    print("| 16x16 -> 64x64 | PSNR vs the original | sharpness / the original's |\n|---|---|---|")
+    for name, (quality, sharp) in scores.items():
+        print(f"| {name} | {statistics.mean(quality):.2f} dB | {statistics.mean(sharp):.2f} |")
 
 
 def upscale_picture(pipe, items) -> Image.Image:
@@ -160,8 +168,10 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("runs/emoji64"), help="the emoji dataset (RUN/emoji64)")
     p.add_argument("--limit", type=int, default=0, help="held-out emoji to measure (0: all 190)")
     p.add_argument("--image-cfg", type=float, default=1.5, help="instruct-pix2pix's image guidance")
+    p.add_argument("--cfg", type=float, default=COMMON["cfg_scale"], help="text guidance")
     p.add_argument("--picture", type=Path, default=None)
     args = p.parse_args()
+    COMMON["cfg_scale"] = args.cfg
     torch.set_grad_enabled(False)
     pipe = sdtorch.load(args.model)
     items = held_out_items(args.data)
