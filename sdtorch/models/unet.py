@@ -99,36 +99,10 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: 
     small blocks anyway: there chunking saves nothing.)"""
     n = q.shape[-2]
     if not chunk or chunk >= n:
-        if _explicit_pays(q, k):
-            return explicit_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     for i in range(0, n, chunk):
         out[..., i : i + chunk, :] = F.scaled_dot_product_attention(q[..., i : i + chunk, :], k, v)
-    return out
-
-
-# Up to this many (query x key) positions, bfloat16 attention on the CPU is faster with the scores
-# made explicitly than through PyTorch's fused flash kernel (which reaches about 0.18 TFLOP/s here):
-# measured on a 2-core AVX-512 BF16 EPYC, 1024 x 1024 positions, 20 heads of 64: 59 -> 23 ms;
-# 4096 x 4096 stays faster fused (487 vs 550 ms).
-EXPLICIT_SCORES = 1 << 22
-SCORE_BLOCK = 1 << 21  # scores made at once (a few heads), so that they stay in cache-sized pieces
-
-
-def _explicit_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
-            and q.shape[-2] * k.shape[-2] <= EXPLICIT_SCORES)
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with the scores as a tensor, a few heads at a time."""
-    b, heads, n, d = q.shape
-    per = max(1, SCORE_BLOCK // (b * n * k.shape[-2]))
-    out = q.new_empty(b, heads, n, v.shape[-1])
-    for h in range(0, heads, per):
-        scores = torch.matmul(q[:, h : h + per] * d**-0.5, k[:, h : h + per].transpose(-1, -2))
-        out[:, h : h + per] = torch.matmul(scores.softmax(-1), v[:, h : h + per])
     return out
 
 
