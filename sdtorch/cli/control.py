@@ -23,7 +23,7 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
 def control_unit(spec: str, pipe, args: argparse.Namespace):
     """--control PATH:IMAGE[:WEIGHT] -> a `ControlUnit` with its ControlNet loaded for this model."""
     from sdtorch.adapters.control import ControlUnit
-    from sdtorch.conditioning.preprocess import preprocess
+    from sdtorch.conditioning.preprocess import INPAINT, preprocess
     from sdtorch.formats import controlnet
     from sdtorch.generate.images import open_image
 
@@ -39,8 +39,9 @@ def control_unit(spec: str, pipe, args: argparse.Namespace):
         raise ValueError(f"--control takes PATH:IMAGE[:WEIGHT], got {spec!r}")
     model = controlnet.load(parts[0], pipe.config.unet, dtype=pipe.dtype, device=pipe.device)
     image = preprocess(args.control_preprocess, open_image(parts[1]))
-    mask_path = args.control_mask or (getattr(args, "mask", None) if args.control_preprocess.startswith("inpaint") else None)
-    if args.control_preprocess.startswith("inpaint") and not mask_path:
+    needs_mask = args.control_preprocess in INPAINT
+    mask_path = args.control_mask or (getattr(args, "mask", None) if needs_mask else None)
+    if needs_mask and not mask_path:
         raise ValueError(f"--control-preprocess {args.control_preprocess} needs --control-mask MASK "
                          "(or the inpaint command's --mask)")
     mask = open_image(mask_path, "L") if mask_path else None

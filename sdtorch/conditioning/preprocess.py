@@ -32,15 +32,19 @@ def _tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
     return image.resize(size, Image.BOX)
 
 
+def _as_is(image: Image.Image, a=None, b=None) -> Image.Image:
+    return image.convert("RGB")
+
+
 PREPROCESSORS = {
-    "none": lambda image, a=None, b=None: image.convert("RGB"),
+    "none": _as_is,
     "canny": lambda image, a=None, b=None: _canny(image, 100 if a is None else a, 200 if b is None else b),
     "invert": lambda image, a=None, b=None: ImageOps.invert(image.convert("RGB")),
     "blur_gaussian": lambda image, a=None, b=None: image.convert("RGB").filter(ImageFilter.GaussianBlur(9 if a is None else a)),
     "tile_resample": lambda image, a=None, b=None: _tile_resample(image, 1.0 if a is None else a),
-    "inpaint": lambda image, a=None, b=None: image.convert("RGB"),
-    "inpaint_global_harmonious": lambda image, a=None, b=None: image.convert("RGB"),  # the same, by its label
-    "inpaint_only": lambda image, a=None, b=None: image.convert("RGB"),
+    "inpaint": _as_is,
+    "inpaint_global_harmonious": _as_is,  # "inpaint", by the label the extension shows
+    "inpaint_only": _as_is,
 }
 INPAINT = ("inpaint", "inpaint_global_harmonious", "inpaint_only")  # the modules that need a mask
 

@@ -50,7 +50,6 @@ SLIDERS = {
     "invert": (RES,),
     "blur_gaussian": (RES, ("Sigma", 9.0, 0.01, 64.0)),
     "tile_resample": (("Down Sampling Rate", 1.0, 1.0, 8.0),),
-    "inpaint": (), "inpaint_global_harmonious": (), "inpaint_only": (),
 }
 
 

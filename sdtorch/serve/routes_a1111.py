@@ -57,17 +57,19 @@ def _generation(app: FastAPI, service: Service) -> None:
         if isinstance(images, JSONResponse):
             return images
         html_info = json.loads(job.info)["html_info"]
-        if kind == "extra-single-image":
+        if isinstance(req, extras.ExtrasSingle):
             return {"html_info": html_info, "image": images[0] if images else None}
         return {"html_info": html_info, "images": images}
 
-    @app.post("/sdapi/v1/extra-single-image")
-    async def extra_single_image(req: extras.ExtrasSingle):
-        return await run_extras("extra-single-image", req)
+    def extras_route(kind: str, body: type):
+        async def route(req):
+            return await run_extras(kind, req)
 
-    @app.post("/sdapi/v1/extra-batch-images")
-    async def extra_batch_images(req: extras.ExtrasBatch):
-        return await run_extras("extra-batch-images", req)
+        route.__annotations__ = {"req": body}  # FastAPI reads the body's model from the annotation
+        return route
+
+    for kind, body in extras.KINDS.items():  # /sdapi/v1/extra-single-image, /sdapi/v1/extra-batch-images
+        app.post(f"/sdapi/v1/{kind}", name=kind.replace("-", "_"))(extras_route(kind, body))
 
 
 def _state(app: FastAPI, service: Service) -> None:

@@ -147,19 +147,17 @@ class Service:
                    seed_mode=self.settings.seed_mode, controlnet=lambda name: self.models.controlnets.find(name).title,
                    upscaler=lambda name: self.models.find_upscaler(name).title)
         record = {"body": req.model_dump(exclude_unset=True), "seed": seed, "subseed": subseed, "options": options}
-        job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
-        if job is None:
-            raise QueueFull(self.retry_after())
-        self.worker.dispatch(job)
-        return job
+        return self._queue(kind, model, record)
 
     def submit_extras(self, kind: str, req: extras._Extras) -> Job:
         """Validate an Extras request (upscaler names, images, output size) and queue it."""
         extras.check(req, self.models.find_upscaler)
         extras.check_size(req, extras.inputs(req, decode_image))
         model = next((self.models.find_upscaler(n).title for n in extras.used(req) if n not in extras.BUILT_IN), "")
-        job = self.store.add(kind, model, {"body": req.model_dump(exclude_unset=True)},
-                             max_queue=self.settings.max_queue)
+        return self._queue(kind, model, {"body": req.model_dump(exclude_unset=True)})
+
+    def _queue(self, kind: str, model: str, record: dict) -> Job:
+        job = self.store.add(kind, model, record, max_queue=self.settings.max_queue)
         if job is None:
             raise QueueFull(self.retry_after())
         self.worker.dispatch(job)
